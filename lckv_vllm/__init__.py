@@ -1,0 +1,57 @@
+"""lckv-vllm: serve cross-layer KV-sharing models (LCKV, CLA, YOCO, ...) with vLLM.
+
+`register()` is the plugin's one entry point (entry-point group `vllm.general_plugins`).  vLLM calls it in every
+process it starts, so it is idempotent and cheap: it registers the HF config class for `model_type: "lckv-llama"`,
+the model architecture (lazily, by module path) and the attention backend, and the config hook that forces
+whole-prompt prefill for cyclic plans.
+"""
+
+from __future__ import annotations
+
+import logging
+
+SUPPORTED_VLLM = "0.32"
+BACKEND_NAME = "LCKV_ATTN"
+__version__ = "0.1.0"
+
+logger = logging.getLogger("lckv_vllm")
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    import vllm
+    from transformers import AutoConfig
+
+    from .config import ARCHITECTURE, MODEL_TYPE, LCKVLlamaConfig
+
+    version = getattr(vllm, "__version__", "unknown")
+    if not version.startswith(SUPPORTED_VLLM + "."):
+        logger.warning(
+            "lckv-vllm supports vLLM %s.x; the installed vLLM is %s. The plugin reaches into vLLM's attention "
+            "backend and config hooks, which change between minor versions: expect failures.",
+            SUPPORTED_VLLM,
+            version,
+        )
+
+    try:
+        AutoConfig.register(MODEL_TYPE, LCKVLlamaConfig)
+    except ValueError:  # already registered in this process (exist_ok differs across transformers versions)
+        pass
+
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "lckv_vllm.model:LCKVLlamaForCausalLM")
+
+    from vllm.v1.attention.backends.registry import register_backend
+
+    register_backend(BACKEND_NAME, "lckv_vllm.attention.backend.LCKVAttentionBackend")
+
+    from .vllm_patches import install_config_hook
+
+    install_config_hook()

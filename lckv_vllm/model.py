@@ -1,0 +1,293 @@
+"""`LCKVLlamaForCausalLM` for vLLM: Llama whose layers read the KVs of the layer `layer_types` names.
+
+Structure mirrors vLLM's `llama.py` (MLP → attention → decoder layer → model → causal LM) and uses vLLM's parallel
+layers, so module and weight names match the official checkpoints.  What differs, all derived from the `LayerPlan`:
+
+* a layer that computes KV has the fused `qkv_proj`; a layer that does not has only `q_proj` (the checkpoint has no
+  k/v weights for it);
+* only producers own KV pages: a non-producer's `Attention` is bound to its producer through vLLM's KV-sharing
+  mechanism, so vLLM's block manager counts producers only;
+* each layer writes its own pages (if it computes KV) and reads the pages of the layer it attends to, strictly
+  causal where the plan says so (see `attention/impl.py`);
+* prefill runs each cyclic segment `min(m + b, longest query in the step)` times with the segment's producer slots
+  for the step's tokens zeroed first; after k passes the first k tokens of every prompt are exact, so prompts
+  shorter than m + b converge to token-by-token encoding and decode steps (one token each) need a single pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.attention.attention import validate_kv_sharing_target
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.llama import LlamaMLP
+from vllm.sequence import IntermediateTensors
+
+from .attention.backend import LCKVAttentionBackend
+from .attention.impl import attend, write_kv, zero_slots
+from .plan import plan_from_config
+from .plan import LayerPlan
+
+logger = logging.getLogger("lckv_vllm")
+
+
+def _attn_name(prefix: str, layer: int) -> str:
+    return f"{prefix}.layers.{layer}.self_attn.attn"
+
+
+class LCKVAttention(nn.Module):
+    def __init__(self, config, plan: LayerPlan, layer_idx: int, vllm_config: VllmConfig, model_prefix: str,
+                 prefix: str):
+        super().__init__()
+        role = plan.roles[layer_idx]
+        self.role = role
+        tp = get_tensor_model_parallel_world_size()
+        self.total_num_heads = config.num_attention_heads
+        self.total_num_kv_heads = config.num_key_value_heads
+        assert self.total_num_heads % tp == 0
+        if self.total_num_kv_heads >= tp:
+            assert self.total_num_kv_heads % tp == 0
+        else:
+            assert tp % self.total_num_kv_heads == 0
+        self.num_heads = self.total_num_heads // tp
+        self.num_kv_heads = max(1, self.total_num_kv_heads // tp)
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.total_num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scaling = self.head_dim**-0.5
+        bias = getattr(config, "attention_bias", False)
+        quant_config = vllm_config.quant_config
+
+        if role.computes_kv:
+            self.qkv_proj = QKVParallelLinear(
+                hidden_size=config.hidden_size,
+                head_size=self.head_dim,
+                total_num_heads=self.total_num_heads,
+                total_num_kv_heads=self.total_num_kv_heads,
+                bias=bias,
+                quant_config=quant_config,
+                prefix=f"{prefix}.qkv_proj",
+            )
+        else:
+            self.q_proj = ColumnParallelLinear(
+                config.hidden_size,
+                self.total_num_heads * self.head_dim,
+                bias=bias,
+                quant_config=quant_config,
+                prefix=f"{prefix}.q_proj",
+            )
+        self.o_proj = RowParallelLinear(
+            self.total_num_heads * self.head_dim,
+            config.hidden_size,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            max_position=getattr(config, "max_position_embeddings", 8192),
+            rope_parameters=getattr(config, "rope_parameters", None),
+            is_neox_style=True,
+        )
+        # vLLM copies the config's `sliding_window` into the cache config, which would give *every* layer a
+        # sliding-window KV spec and let the block manager drop pages that full-attention readers still need.  All
+        # pages are allocated as full attention; the window is applied when reading (`lckv_window`).
+        cache_config = copy.copy(vllm_config.cache_config)
+        cache_config.sliding_window = None
+        # Built without a sharing target: a consumer's producer may be a later layer, which vLLM's constructor-time
+        # check rejects.  The model binds consumers to their producers once every layer exists.
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self.scaling,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=f"{prefix}.attn",
+            attn_backend=LCKVAttentionBackend,
+            lckv_strict=role.strict,
+            lckv_window=plan.window(layer_idx),
+        )
+        self.own_name = f"{prefix}.attn"
+        self.read_name = _attn_name(model_prefix, role.attends_to)
+        self.window = plan.window(layer_idx)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        md = ctx.attn_metadata
+        if isinstance(md, list):
+            md = md[0]
+        if isinstance(md, dict):
+            md = md.get(self.read_name)
+        if self.role.computes_kv:
+            qkv, _ = self.qkv_proj(hidden_states)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q, k = self.rotary_emb(positions, q, k)
+        else:
+            q, _ = self.q_proj(hidden_states)
+            q, _ = self.rotary_emb(positions, q, None)
+        n = q.shape[0]
+        if md is None:  # profiling / dummy run: no pages bound yet
+            out = torch.zeros_like(q)
+        else:
+            t = md.num_actual_tokens
+            q3 = q[:t].view(t, self.num_heads, self.head_dim)
+            if self.role.computes_kv:
+                write_kv(k[:t].view(t, self.num_kv_heads, self.head_dim), v[:t].view(t, self.num_kv_heads,
+                         self.head_dim), self.attn.kv_cache, md.slot_mapping)
+            read_cache = ctx.no_compile_layers[self.read_name].kv_cache
+            o = attend(q3, read_cache, md, scale=self.scaling, strict=self.role.strict, window=self.window)
+            if t == n:
+                out = o.reshape(n, -1)
+            else:
+                out = torch.zeros_like(q)
+                out[:t] = o.reshape(t, -1)
+        output, _ = self.o_proj(out)
+        return output
+
+
+class LCKVDecoderLayer(nn.Module):
+    def __init__(self, config, plan: LayerPlan, layer_idx: int, vllm_config: VllmConfig, model_prefix: str):
+        super().__init__()
+        prefix = f"{model_prefix}.layers.{layer_idx}"
+        self.self_attn = LCKVAttention(config, plan, layer_idx, vllm_config, model_prefix, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            hidden_act=config.hidden_act,
+            quant_config=vllm_config.quant_config,
+            bias=getattr(config, "mlp_bias", False),
+            prefix=f"{prefix}.mlp",
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions, hidden_states, residual):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LCKVModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model"):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.plan = plan_from_config(config)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   quant_config=vllm_config.quant_config)
+        self.layers = nn.ModuleList(
+            LCKVDecoderLayer(config, self.plan, i, vllm_config, prefix) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._bind_consumers(vllm_config, prefix)
+
+    def _bind_consumers(self, vllm_config: VllmConfig, prefix: str) -> None:
+        """Point each non-producing layer's `Attention` at its producer's pages (vLLM KV sharing).
+
+        vLLM then allocates no pages for it and binds the producer's cache tensor to it.  Done after construction
+        because the producer is often a later layer; the plan guarantees targets are producers (no chains).
+        """
+        static_ctx = vllm_config.compilation_config.static_forward_context
+        for r in self.plan.roles:
+            if r.computes_kv:
+                continue
+            attn = self.layers[r.index].self_attn.attn
+            target = _attn_name(prefix, self.plan.kv_owner(r.index))
+            validate_kv_sharing_target(attn.layer_name, target, static_ctx)
+            attn.kv_sharing_target_layer_name = target
+            attn.impl.kv_sharing_target_layer_name = target
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def _step_metadata(self):
+        md = get_forward_context().attn_metadata
+        if isinstance(md, list):
+            md = md[0]
+        if isinstance(md, dict):
+            md = md.get(_attn_name("model", self.plan.producers[0])) or next(iter(md.values()), None)
+        return md
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        md = self._step_metadata()
+        for seg in self.plan.segments:
+            passes = 1
+            if seg.cyclic and md is not None:
+                passes = max(1, min(self.plan.num_passes, md.max_query_len))
+                for p in seg.layers:
+                    if self.plan.roles[p].computes_kv:
+                        zero_slots(self.layers[p].self_attn.attn.kv_cache, md.slot_mapping)
+            if passes == 1:
+                for i in seg.layers:
+                    hidden, residual = self.layers[i](positions, hidden, residual)
+                continue
+            # Every pass restarts from the segment's input.  The fused residual RMSNorm updates its inputs in
+            # place, so each pass gets its own copies.
+            seg_hidden, seg_residual = hidden, residual
+            for _ in range(passes):
+                hidden = seg_hidden.clone()
+                residual = None if seg_residual is None else seg_residual.clone()
+                for i in seg.layers:
+                    hidden, residual = self.layers[i](positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LCKVLlamaForCausalLM(nn.Module):
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.model = LCKVModel(vllm_config=vllm_config, prefix="model")
+        self.plan = self.model.plan
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
+                                      prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
+        logger.info(
+            "LCKV plan %s: %d of %d layers keep KV; segments %s",
+            self.plan.layer_types,
+            len(self.plan.producers),
+            self.plan.num_layers,
+            [(s.start, s.end, "cyclic" if s.cyclic else "once") for s in self.plan.segments],
+        )
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds=None):
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor):
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        from .weights import load_lckv_weights
+
+        return load_lckv_weights(self, weights)

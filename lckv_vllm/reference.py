@@ -1,0 +1,218 @@
+"""Pure-torch reference of the LCKV semantics: the oracle every vLLM result is compared with.
+
+It loads the same checkpoint directory (config.json + safetensors) and implements DESIGN.md §1 directly, with no
+paging, no batching and no vLLM import, in float64 by default:
+
+* `forward_sequential(tokens)`: token by token, exact (each layer reads the K/V its `attends_to` layer has produced
+  so far; a strictly causal layer never sees position t itself; a query with no visible key outputs 0).
+* `forward_iterative(tokens, passes)`: the paper's parallel encoding of one chunk: segment by segment, cyclic
+  segments run `passes` times from the same segment input with the segment's producer K/V for the chunk initialised
+  to zeros.
+* `forward_chunked(tokens, chunk_sizes)`: chunk by chunk, earlier chunks final in the cache (chunked prefill,
+  prefix-cache hits, decode steps).
+* `generate(prompt, n)`: whole-prompt iterative prefill with m+b passes, then one token per step: greedy tokens and
+  their log-probabilities, i.e. what the server must produce.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from .plan import plan_from_config
+from .plan import LayerPlan
+
+
+class _Cache:
+    """Per-producer K/V for positions 0..len-1: `k[p]` is `[len, num_kv_heads, head_dim]`."""
+
+    def __init__(self, producers):
+        self.k = {p: None for p in producers}
+        self.v = {p: None for p in producers}
+
+    def length(self) -> int:
+        for t in self.k.values():
+            return 0 if t is None else t.shape[0]
+        return 0
+
+    def put(self, p: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K/V for positions start..start+n-1 (extending or overwriting)."""
+        n = k.shape[0]
+        old_k, old_v = self.k[p], self.v[p]
+        if old_k is None:
+            assert start == 0
+            self.k[p], self.v[p] = k.clone(), v.clone()
+            return
+        if old_k.shape[0] < start + n:
+            pad = start + n - old_k.shape[0]
+            old_k = torch.cat([old_k, old_k.new_zeros(pad, *old_k.shape[1:])])
+            old_v = torch.cat([old_v, old_v.new_zeros(pad, *old_v.shape[1:])])
+        old_k[start:start + n] = k
+        old_v[start:start + n] = v
+        self.k[p], self.v[p] = old_k, old_v
+
+
+class ReferenceModel:
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float64):
+        from safetensors.torch import load_file
+
+        model_dir = Path(model_dir)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        self.cfg = SimpleNamespace(**cfg)
+        self.plan: LayerPlan = plan_from_config(self.cfg)
+        self.dtype = dtype
+        sd = {}
+        for f in sorted(model_dir.glob("*.safetensors")):
+            sd.update(load_file(str(f)))
+        self.w = {k: v.to(dtype) for k, v in sd.items()}
+        c = self.cfg
+        self.H = c.hidden_size
+        self.nh = c.num_attention_heads
+        self.nkv = getattr(c, "num_key_value_heads", None) or self.nh
+        self.hd = getattr(c, "head_dim", None) or self.H // self.nh
+        self.eps = c.rms_norm_eps
+        if getattr(c, "tie_word_embeddings", False) or "lm_head.weight" not in self.w:
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        rp = getattr(c, "rope_parameters", None) or {}
+        theta = rp.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float64) / self.hd))
+
+    # ---- building blocks --------------------------------------------------------------------------------------
+    def _norm(self, x, name):
+        var = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(var + self.eps) * self.w[name]
+
+    def _rope(self, x, pos):  # x [n, heads, hd], neox style (rotate halves)
+        freqs = pos.to(torch.float64)[:, None] * self.inv_freq[None, :]
+        cos = torch.cat([freqs.cos(), freqs.cos()], -1).to(x.dtype)[:, None, :]
+        sin = torch.cat([freqs.sin(), freqs.sin()], -1).to(x.dtype)[:, None, :]
+        x1, x2 = x[..., : self.hd // 2], x[..., self.hd // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def _lin(self, x, name):
+        return x @ self.w[name].T
+
+    def _mlp(self, x, i):
+        p = f"model.layers.{i}.mlp."
+        return self._lin(F.silu(self._lin(x, p + "gate_proj.weight")) * self._lin(x, p + "up_proj.weight"),
+                         p + "down_proj.weight")
+
+    def _attend(self, q, K, V, qpos, strict, window):
+        """q [n, nh, hd] at positions qpos; K/V [S, nkv, hd] at positions 0..S-1."""
+        S = K.shape[0]
+        kpos = torch.arange(S)
+        vis = (kpos[None, :] < qpos[:, None]) if strict else (kpos[None, :] <= qpos[:, None])
+        if window is not None:
+            vis &= kpos[None, :] > qpos[:, None] - window
+        rep = self.nh // self.nkv
+        Kr = K.repeat_interleave(rep, dim=1)  # [S, nh, hd]
+        Vr = V.repeat_interleave(rep, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, Kr) / math.sqrt(self.hd)
+        scores = scores.masked_fill(~vis[None], float("-inf"))
+        has = vis.any(-1)  # [n]
+        probs = torch.softmax(torch.where(has[None, :, None], scores, torch.zeros_like(scores)), -1)
+        out = torch.einsum("hqk,khd->qhd", probs, Vr)
+        return torch.where(has[:, None, None], out, torch.zeros_like(out))  # no visible key -> exactly 0
+
+    def _layer(self, i, h, pos, cache: _Cache, start: int):
+        role = self.plan.roles[i]
+        p = f"model.layers.{i}."
+        x = self._norm(h, p + "input_layernorm.weight")
+        n = h.shape[0]
+        q = self._rope(self._lin(x, p + "self_attn.q_proj.weight").view(n, self.nh, self.hd), pos)
+        if role.computes_kv:
+            k = self._rope(self._lin(x, p + "self_attn.k_proj.weight").view(n, self.nkv, self.hd), pos)
+            v = self._lin(x, p + "self_attn.v_proj.weight").view(n, self.nkv, self.hd)
+            cache.put(i, start, k, v)
+        j = role.attends_to
+        K, V = cache.k[j], cache.v[j]
+        if K is None:  # the read layer has produced nothing yet (first token, top layer): nothing visible
+            K = q.new_zeros(0, self.nkv, self.hd)
+            V = K
+        a = self._attend(q, K, V, pos, role.strict, self.plan.window(i))
+        h = h + self._lin(a.reshape(n, -1), p + "self_attn.o_proj.weight")
+        return h + self._mlp(self._norm(h, p + "post_attention_layernorm.weight"), i)
+
+    def _logits(self, h):
+        return self._lin(self._norm(h, "model.norm.weight"), "lm_head.weight")
+
+    # ---- the three encodings ------------------------------------------------------------------------------------
+    def new_cache(self) -> _Cache:
+        return _Cache(self.plan.producers)
+
+    @torch.no_grad()
+    def forward_sequential(self, tokens) -> torch.Tensor:
+        """Token by token (exact).  Returns logits [len(tokens), vocab]."""
+        cache = self.new_cache()
+        out = []
+        for t, tok in enumerate(tokens):
+            h = self.w["model.embed_tokens.weight"][torch.tensor([tok])]
+            pos = torch.tensor([t])
+            for i in range(self.plan.num_layers):
+                h = self._layer(i, h, pos, cache, t)
+            out.append(self._logits(h))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def forward_chunk(self, tokens, cache: _Cache, passes: int | None = None) -> torch.Tensor:
+        """Encode one chunk after the tokens already in `cache` (final).  Returns the chunk's logits."""
+        passes = self.plan.num_passes if passes is None else passes
+        start = cache.length()
+        n = len(tokens)
+        pos = torch.arange(start, start + n)
+        h = self.w["model.embed_tokens.weight"][torch.tensor(list(tokens))]
+        for seg in self.plan.segments:
+            if not seg.cyclic:
+                for i in seg.layers:
+                    h = self._layer(i, h, pos, cache, start)
+                continue
+            for p in seg.layers:  # producer K/V of the chunk's tokens start from zeros
+                if self.plan.roles[p].computes_kv:
+                    z = h.new_zeros(n, self.nkv, self.hd)
+                    cache.put(p, start, z, z)
+            seg_in = h
+            for _ in range(passes):
+                h = seg_in
+                for i in seg.layers:
+                    h = self._layer(i, h, pos, cache, start)
+        return self._logits(h)
+
+    def forward_iterative(self, tokens, passes: int | None = None) -> torch.Tensor:
+        return self.forward_chunk(tokens, self.new_cache(), passes)
+
+    def forward_chunked(self, tokens, chunk_sizes, passes: int | None = None) -> torch.Tensor:
+        cache = self.new_cache()
+        out, i = [], 0
+        for size in chunk_sizes:
+            out.append(self.forward_chunk(tokens[i:i + size], cache, passes))
+            i += size
+        assert i == len(tokens), "chunk sizes must cover the tokens"
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def generate(self, prompt, max_tokens: int, chunk_sizes=None, eos_token_id: int | None = None):
+        """Greedy decoding as the server does it: whole-prompt (or chunk-by-chunk) prefill, then one token per step.
+
+        Returns (token ids, log-probabilities of the chosen tokens).
+        """
+        cache = self.new_cache()
+        chunk_sizes = chunk_sizes or [len(prompt)]
+        i = 0
+        for size in chunk_sizes:
+            logits = self.forward_chunk(prompt[i:i + size], cache)
+            i += size
+        tokens, logprobs = [], []
+        for _ in range(max_tokens):
+            lp = torch.log_softmax(logits[-1].double(), -1)
+            tok = int(torch.argmax(lp))
+            tokens.append(tok)
+            logprobs.append(float(lp[tok]))
+            if eos_token_id is not None and tok == eos_token_id:
+                break
+            logits = self.forward_chunk([tok], cache)
+        return tokens, logprobs

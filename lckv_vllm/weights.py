@@ -1,0 +1,93 @@
+"""Weight loading for `LCKVLlamaForCausalLM`: official checkpoint names → vLLM's fused parameters.
+
+Which layers must carry `k_proj`/`v_proj` comes from the plan, and a checkpoint that disagrees with its own
+`layer_types` fails here with a message naming the layer and the weight, not deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+
+import torch
+
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+logger = logging.getLogger("lckv_vllm")
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+# (fused vLLM parameter, checkpoint name, shard id)
+_STACKED = (
+    (".qkv_proj", ".q_proj", "q"),
+    (".qkv_proj", ".k_proj", "k"),
+    (".qkv_proj", ".v_proj", "v"),
+    (".gate_up_proj", ".gate_proj", 0),
+    (".gate_up_proj", ".up_proj", 1),
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose weights do not match its config's `layer_types`."""
+
+
+def load_lckv_weights(model, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    plan = model.plan
+    params = dict(model.named_parameters())
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    loaded: set[str] = set()
+    seen_kv: dict[int, set[str]] = {}
+    ignored: list[str] = []
+    for name, w in weights:
+        if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
+            continue
+        if tied and name.startswith("lm_head."):
+            continue  # the head is the embedding
+        m = _LAYER.match(name)
+        layer = int(m.group(1)) if m else None
+        if layer is not None and layer >= plan.num_layers:
+            raise CheckpointError(f"weight {name}: layer {layer} does not exist (num_hidden_layers={plan.num_layers})")
+        is_kv = layer is not None and (".self_attn.k_proj." in name or ".self_attn.v_proj." in name)
+        if is_kv:
+            if not plan.roles[layer].computes_kv:
+                ignored.append(name)  # no layer reads this layer's KV: the weight is dead
+                continue
+            seen_kv.setdefault(layer, set()).add("k_proj" if ".k_proj." in name else "v_proj")
+        computes_kv = layer is None or plan.roles[layer].computes_kv
+        stacked = next(
+            ((fused, ckpt, shard) for fused, ckpt, shard in _STACKED
+             # a consumer's q_proj is a parameter of its own, not a shard of a fused qkv_proj
+             if ckpt in name and not (fused == ".qkv_proj" and not computes_kv)),
+            None,
+        )
+        if stacked is not None:
+            fused, ckpt, shard = stacked
+            target = name.replace(ckpt, fused)
+            param = params.get(target)
+            if param is None:
+                raise CheckpointError(f"weight {name}: the model has no parameter {target}")
+            param.weight_loader(param, w, shard)
+        else:
+            target = name
+            param = params.get(name)
+            if param is None:
+                raise CheckpointError(f"weight {name}: not a parameter of LCKVLlamaForCausalLM with this layer_types")
+            getattr(param, "weight_loader", default_weight_loader)(param, w)
+        loaded.add(target)
+
+    for p in plan.producers:
+        missing = {"k_proj", "v_proj"} - seen_kv.get(p, set())
+        if missing:
+            readers = [r.index for r in plan.roles if r.attends_to == p]
+            raise CheckpointError(
+                f"layer {p} computes KV (layer_types entries {readers} read it) but the checkpoint has no "
+                + " or ".join(f"model.layers.{p}.self_attn.{w}.weight" for w in sorted(missing))
+            )
+    if ignored:
+        logger.warning("ignoring %d k/v projection weights of layers whose KV no layer reads: %s", len(ignored),
+                       ", ".join(ignored[:4]) + (" ..." if len(ignored) > 4 else ""))
+    missing_params = [n for n in params if n not in loaded and not (tied and n.startswith("lm_head."))]
+    if missing_params:
+        raise CheckpointError(f"checkpoint is missing weights: {', '.join(sorted(missing_params)[:8])}")
+    return loaded | ({n for n in params if n.startswith("lm_head.")} if tied else set())

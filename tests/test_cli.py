@@ -1,0 +1,58 @@
+"""The `lckv-vllm` command line: plan and make-model, including their error messages."""
+
+import json
+import subprocess
+import sys
+
+CLI = [sys.executable, "-m", "lckv_vllm.cli"]
+
+
+def run(*args):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=120)
+
+
+def test_plan_string_and_dir(model_dir):
+    r = run("plan", "0_4_4_4_4_5", "--num-layers", "6", "--kv-heads", "2", "--head-dim", "32")
+    assert r.returncode == 0, r.stderr
+    assert "producers (layers with KV pages): 3 [0, 4, 5]" in r.stdout
+    assert "3/6 = 0.5000" in r.stdout and "768 vs 1536" in r.stdout
+    r = run("plan", str(model_dir("tiny-w10")))
+    assert r.returncode == 0 and "force_nodiag: True" in r.stdout
+
+
+def test_plan_errors_name_the_entry():
+    r = run("plan", "0_4_4_x_4_5")
+    assert r.returncode == 2 and "entry 3 is 'x'" in r.stderr
+    r = run("plan", "0_1_2", "--num-layers", "4")
+    assert r.returncode == 2 and "has 3 entries but num_hidden_layers is 4" in r.stderr
+
+
+def test_make_model_writes_the_official_format(tmp_path):
+    out = tmp_path / "m"
+    r = run("make-model", "--layer-types", "0_2_2_3", "--num-layers", "4", "--hidden-size", "64", "--num-heads", "2",
+            "--num-kv-heads", "1", "--force-nodiag", "--seed", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "lckv-llama" and cfg["architectures"] == ["LCKVLlamaForCausalLM"]
+    assert cfg["layer_types"] == "0_2_2_3" and cfg["force_nodiag"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.2.self_attn.k_proj.weight" in keys
+    assert "model.layers.1.self_attn.k_proj.weight" not in keys  # consumers carry no k/v projections
+    assert "model.layers.1.self_attn.q_proj.weight" in keys
+    from transformers import AutoTokenizer
+
+    import lckv_vllm
+
+    lckv_vllm.register()  # vLLM does this in every process; here it teaches AutoConfig 'lckv-llama'
+
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 32000
+
+
+def test_make_model_errors():
+    r = run("make-model", "--layer-types", "0_9", "--num-layers", "2", "--out", "/tmp/never")
+    assert r.returncode == 2 and "entry 1 is '9'" in r.stderr
+    r = run("make-model", "--preset", "nope", "--out", "/tmp/never")
+    assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr

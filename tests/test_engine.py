@@ -1,0 +1,175 @@
+"""vLLM with the plugin against the pure-torch reference (and against vLLM's own Llama).
+
+Every configuration serves one mixed batch (prompts of 1 token, <= m+b tokens and > m+b tokens) and must produce the
+reference's greedy tokens with |Δ logprob| < 1e-3 over 16 decoded tokens."""
+
+import json
+
+import pytest
+
+from conftest import BLOCK_SIZE, generate, random_prompt
+from lckv_vllm.checkpoint import export_llama
+from lckv_vllm.reference import ReferenceModel
+
+CONFIGS = ["tiny-w2", "tiny-w10", "tiny-sandwich", "tiny-cla", "tiny-yoco", "tiny-identity", "tiny-lasagna"]
+LENGTHS = (1, 5, 9, 30, 70)  # m+b = 9
+MAX_DLOGPROB = 1e-3
+_refs = {}
+
+
+def reference(model_dir, preset):
+    if preset not in _refs:
+        _refs[preset] = ReferenceModel(model_dir(preset))
+    return _refs[preset]
+
+
+def check_against_reference(results, ref_runs):
+    worst = 0.0
+    for (toks, lps, _), (rtoks, rlps) in zip(results, ref_runs):
+        assert toks == rtoks
+        worst = max(worst, max(abs(a - b) for a, b in zip(lps, rlps)))
+    assert worst < MAX_DLOGPROB, worst
+    return worst
+
+
+@pytest.mark.parametrize("preset", CONFIGS)
+def test_mixed_batch_matches_reference(engine, model_dir, preset, record_property):
+    prompts = [random_prompt(n, seed=10 + n) for n in LENGTHS]
+    results = generate(engine(preset), prompts, max_tokens=16)
+    ref = reference(model_dir, preset)
+    worst = check_against_reference(results, [ref.generate(p, 16) for p in prompts])
+    record_property("max_dlogprob", worst)
+    print(f"{preset}: max |dlogprob| = {worst:.2e}")
+
+
+def test_cyclic_default_is_whole_prompt(engine):
+    llm = engine("tiny-w2")
+    cfg = llm.llm_engine.vllm_config
+    assert not cfg.scheduler_config.enable_chunked_prefill
+    assert not cfg.cache_config.enable_prefix_caching
+
+
+def test_cyclic_output_independent_of_batch_and_history(engine, model_dir):
+    """A long prompt's output is the same alone, in a batch, with a tiny token budget, and when seen again."""
+    long = random_prompt(100, seed=21)
+    others = [random_prompt(n, seed=30 + n) for n in (3, 17, 60)]
+    llm = engine("tiny-w2")
+    alone = generate(llm, [long])[0]
+    batched = generate(llm, others + [long] + others)[3]
+    again = generate(llm, [long])[0]
+    # asking for a 32-token budget does not split the prompt: the plugin keeps whole-prompt prefill
+    small = generate(engine("tiny-w2", max_num_batched_tokens=32, max_num_seqs=8), [long])[0]
+    ref_toks, ref_lps = reference(model_dir, "tiny-w2").generate(long, 16)
+    for toks, lps, _ in (alone, batched, again, small):
+        assert toks == ref_toks
+        assert max(abs(a - b) for a, b in zip(lps, ref_lps)) < MAX_DLOGPROB
+    assert again[2] == 0  # no prefix-cache reuse
+
+
+@pytest.mark.parametrize("preset", ["tiny-cla", "tiny-yoco", "tiny-identity"])
+def test_acyclic_chunked_prefill_and_prefix_cache_are_exact(engine, model_dir, preset):
+    long = random_prompt(150, seed=40)
+    llm = engine(preset, enable_chunked_prefill=True, enable_prefix_caching=True, max_num_batched_tokens=32,
+                 max_num_seqs=8)
+    cfg = llm.llm_engine.vllm_config
+    assert cfg.scheduler_config.enable_chunked_prefill and cfg.cache_config.enable_prefix_caching
+    first = generate(llm, [long])[0]
+    second = generate(llm, [long])[0]
+    assert second[2] >= BLOCK_SIZE  # the second run really hit the prefix cache
+    plain = generate(engine(preset), [long])[0]
+    ref_toks, ref_lps = reference(model_dir, preset).generate(long, 16)
+    for toks, lps, _ in (first, second, plain):
+        assert toks == ref_toks
+        assert max(abs(a - b) for a, b in zip(lps, ref_lps)) < MAX_DLOGPROB
+
+
+def test_cyclic_opt_in_chunked_matches_chunk_by_chunk_reference(engine, model_dir):
+    long = random_prompt(100, seed=50)
+    llm = engine("tiny-w2", env={"LCKV_CHUNKED_PREFILL": "1"}, enable_chunked_prefill=True,
+                 max_num_batched_tokens=32, max_num_seqs=8, enable_prefix_caching=False)
+    assert llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill
+    toks, lps, _ = generate(llm, [long])[0]
+    ref = reference(model_dir, "tiny-w2")
+    chunked_toks, chunked_lps = ref.generate(long, 16, chunk_sizes=[32, 32, 32, 4])
+    whole_toks, whole_lps = ref.generate(long, 16)
+    assert toks == chunked_toks
+    assert max(abs(a - b) for a, b in zip(lps, chunked_lps)) < MAX_DLOGPROB
+    # the test can tell the two encodings apart: chunk-by-chunk really differs from whole-prompt here
+    assert chunked_toks != whole_toks or max(abs(a - b) for a, b in zip(chunked_lps, whole_lps)) > 1e-2
+
+
+def test_identity_plan_matches_vllm_llama(engine, model_dir, tmp_path):
+    llama_dir = export_llama(model_dir("tiny-identity"), tmp_path / "llama")
+    assert json.loads((llama_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    prompts = [random_prompt(n, seed=60 + n) for n in LENGTHS]
+    ours = generate(engine("tiny-identity"), prompts)
+    theirs = generate(engine(str(llama_dir), enforce_eager=True, block_size=32), prompts)
+    assert type(engine(str(llama_dir), enforce_eager=True, block_size=32).llm_engine.model_executor.driver_worker.worker
+                .model_runner.model).__name__ == "LlamaForCausalLM"
+    for (t1, l1, _), (t2, l2, _) in zip(ours, theirs):
+        assert t1 == t2
+        assert max(abs(a - b) for a, b in zip(l1, l2)) < MAX_DLOGPROB
+
+
+def _kv_tokens(llm):
+    cfg = llm.llm_engine.vllm_config.cache_config
+    return cfg.num_gpu_blocks * cfg.block_size
+
+
+def test_capacity_ratio_is_layers_over_producers(engine):
+    budget = 48 << 20
+    w2 = engine("tiny-w2", kv_cache_memory_bytes=budget)
+    ident = engine("tiny-identity", kv_cache_memory_bytes=budget)
+    plan = w2.llm_engine.model_executor.driver_worker.worker.model_runner.model.plan
+    ratio = plan.num_layers / len(plan.producers)
+    assert ratio == 2.0
+    assert abs(_kv_tokens(w2) - ratio * _kv_tokens(ident)) <= ratio * BLOCK_SIZE
+    # bytes per token: producers x 2 x kv_heads x head_dim x 4 (fp32), nothing for consumers, no padding
+    per_token = budget / _kv_tokens(w2)
+    assert abs(per_token - len(plan.producers) * 2 * 2 * 32 * 4) / per_token < 0.01
+
+
+def _bad_checkpoint(model_dir, tmp_path, name, edit_config=None, drop=None):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = model_dir("tiny-w2")
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    if edit_config:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if drop:
+        sd = load_file(str(dst / "model.safetensors"))
+        del sd[drop]
+        save_file(sd, str(dst / "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("count", "has 5 entries but num_hidden_layers is 6"),
+        ("range", "entry 2 is '9', but there are only 6 layers"),
+        ("no_k", "layer 4 computes KV"),
+    ],
+)
+def test_bad_checkpoint_fails_at_load_with_a_clear_message(model_dir, tmp_path, case, message):
+    from vllm import LLM
+
+    if case == "count":
+        path = _bad_checkpoint(model_dir, tmp_path, case, lambda c: c.update(layer_types="0_4_4_4_5"))
+    elif case == "range":
+        path = _bad_checkpoint(model_dir, tmp_path, case, lambda c: c.update(layer_types="0_4_9_4_4_5"))
+    else:
+        path = _bad_checkpoint(model_dir, tmp_path, case, drop="model.layers.4.self_attn.k_proj.weight")
+    with pytest.raises(Exception) as e:
+        LLM(str(path), dtype="float32", kv_cache_memory_bytes=16 << 20, max_model_len=128, block_size=16)
+    text = str(e.value) + "".join(str(a) for a in getattr(e.value, "args", ()))
+    cause = e.value.__cause__ or e.value.__context__
+    while cause is not None:
+        text += str(cause)
+        cause = cause.__cause__ or cause.__context__
+    assert message in text, text[:2000]
