@@ -173,3 +173,17 @@ def test_bad_checkpoint_fails_at_load_with_a_clear_message(model_dir, tmp_path, 
         text += str(cause)
         cause = cause.__cause__ or cause.__context__
     assert message in text, text[:2000]
+
+
+def test_tied_embeddings(engine, tmp_path):
+    from lckv_vllm.checkpoint import make_preset
+
+    path = make_preset("tiny-w2", tmp_path / "tied", tie_word_embeddings=True, seed=7)
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
+    prompts = [random_prompt(n, seed=70 + n) for n in (1, 12)]
+    results = generate(engine(str(path)), prompts, max_tokens=8)
+    ref = ReferenceModel(path)
+    check_against_reference(results, [ref.generate(p, 8) for p in prompts])

@@ -1,0 +1,160 @@
+"""Offline throughput and KV capacity: the plugin against vLLM's own Llama on the same weights, in one run.
+
+Shapes (issue 2): fp32, batch 16 short prompts, 128 generated tokens (ignore_eos), 12 layers, hidden 256.
+Engines, all in this process, one after another, each measured `--repeats` times after a warm-up batch:
+  llama          vLLM's LlamaForCausalLM (its default compilation settings) on the identity checkpoint exported
+                 as plain Llama: the baseline
+  lckv-identity  the plugin with identity layer_types (must reach >= 0.9x the baseline)
+  lckv-w2        the plugin with an LCKV w2 plan (3 of 12 layers keep KV), same shape, its own random weights
+Reported: output token throughput (tokens/s), ratios against the baseline, KV capacity in tokens at the same KV
+budget, KV bytes per token.  Writes benchmarks/results/throughput.json and throughput.png.
+
+    .venv/bin/python benchmarks/throughput.py [--repeats 3] [--batch 16] [--output-len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+HERE = Path(__file__).resolve().parent
+KV_BUDGET = 256 << 20
+BLOCK_SIZE = 128  # vLLM's CPU default; CPU_ATTN needs a multiple of 32
+
+
+def machine() -> dict:
+    import torch
+    import vllm
+
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vllm": vllm.__version__,
+        "avx512": bool(torch.cpu._is_avx512_supported()),
+    }
+
+
+def run_engine(path: str, prompts, args, enforce_eager: bool | None = None) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(dtype="float32", kv_cache_memory_bytes=KV_BUDGET, max_model_len=1024, seed=0, block_size=BLOCK_SIZE,
+              max_num_seqs=args.batch)
+    if enforce_eager is not None:
+        kw["enforce_eager"] = enforce_eager
+    t0 = time.perf_counter()
+    llm = LLM(path, **kw)
+    startup = time.perf_counter() - t0
+    sp = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    batch = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    llm.generate(batch, sp, use_tqdm=False)  # warm-up
+    runs = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        outs = llm.generate(batch, sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        runs.append(n_out / dt)
+    cc = llm.llm_engine.vllm_config.cache_config
+    res = {
+        "output_tok_s": runs,
+        "output_tok_s_median": statistics.median(runs),
+        "startup_s": startup,
+        "kv_capacity_tokens": cc.num_gpu_blocks * cc.block_size,
+        "kv_bytes_per_token": KV_BUDGET / (cc.num_gpu_blocks * cc.block_size),
+        "first_output": list(outs[0].outputs[0].token_ids[:8]),
+    }
+    del llm
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--workdir", default=str(HERE.parent / "models" / "bench"))
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+
+    import random
+
+    from lckv_vllm.checkpoint import export_llama, make_preset
+
+    work = Path(args.workdir)
+    ident = make_preset("bench-identity", work / "bench-identity")
+    llama = export_llama(ident, work / "bench-llama")
+    w2 = make_preset("bench-w2", work / "bench-w2")
+    rnd = random.Random(0)
+    prompts = [[rnd.randrange(3, 32000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
+
+    results = {}
+    results["llama"] = run_engine(str(llama), prompts, args)
+    results["lckv-identity"] = run_engine(str(ident), prompts, args)
+    results["lckv-w2"] = run_engine(str(w2), prompts, args)
+    base = results["llama"]["output_tok_s_median"]
+    for name, r in results.items():
+        r["ratio_vs_llama"] = r["output_tok_s_median"] / base
+        r["kv_capacity_ratio_vs_llama"] = r["kv_capacity_tokens"] / results["llama"]["kv_capacity_tokens"]
+    same = results["llama"]["first_output"] == results["lckv-identity"]["first_output"]
+
+    report = {
+        "benchmark": "offline generate(), output token throughput",
+        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "settings": {"dtype": "float32", "batch": args.batch, "prompt_len": args.prompt_len,
+                     "output_len": args.output_len, "repeats": args.repeats, "block_size": BLOCK_SIZE,
+                     "kv_budget_bytes": KV_BUDGET, "model": "12 layers, hidden 256, 8 heads (8 KV), vocab 32000",
+                     "seed": 0},
+        "identity_matches_llama_first_tokens": same,
+        "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name, r in results.items():
+        print(f"{name:14s} {r['output_tok_s_median']:8.1f} tok/s  x{r['ratio_vs_llama']:.3f} vs llama   "
+              f"KV capacity {r['kv_capacity_tokens']:>8d} tokens (x{r['kv_capacity_ratio_vs_llama']:.2f})")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        names = list(results)
+        a1.bar(names, [results[n]["output_tok_s_median"] for n in names], color=["grey", "tab:blue", "tab:green"])
+        a1.set_ylabel("output tokens/s (median)")
+        a1.set_title(f"batch {args.batch}, {args.output_len} new tokens, fp32, CPU")
+        a2.bar(names, [results[n]["kv_capacity_tokens"] for n in names], color=["grey", "tab:blue", "tab:green"])
+        a2.set_ylabel(f"KV capacity (tokens) at {KV_BUDGET >> 20} MiB")
+        a2.set_title("KV capacity at one budget")
+        fig.tight_layout()
+        fig.savefig(out / "throughput.png", dpi=100)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
