@@ -21,7 +21,7 @@ demo: setup
 	$(PY) -m lckv_vllm.demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests kernels
 
 bench: setup
 	$(PY) benchmarks/throughput.py

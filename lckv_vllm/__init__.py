@@ -3,7 +3,8 @@
 `register()` is the plugin's one entry point (entry-point group `vllm.general_plugins`).  vLLM calls it in every
 process it starts, so it is idempotent and cheap: it registers the HF config class for `model_type: "lckv-llama"`,
 the model architecture (lazily, by module path) and the attention backend, and the config hook that forces
-whole-prompt prefill for cyclic plans.
+whole-prompt prefill for cyclic plans; with `LCKV_ATTENTION_IMPL=triton` on a machine without CUDA it also turns on
+Triton's interpreter (`TRITON_INTERPRET=1`) for the process.
 """
 
 from __future__ import annotations
@@ -55,3 +56,9 @@ def register() -> None:
     from .vllm_patches import install_config_hook
 
     install_config_hook()
+
+    # LCKV_ATTENTION_IMPL=triton without a GPU: the kernels can only run under Triton's interpreter, which must be
+    # switched on before the kernel module is imported (lazily, at the first LCKV layer) in this process.
+    from .attention.impl import use_triton_interpreter_if_needed
+
+    use_triton_interpreter_if_needed()

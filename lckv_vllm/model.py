@@ -38,7 +38,7 @@ from vllm.model_executor.models.llama import LlamaMLP
 from vllm.sequence import IntermediateTensors
 
 from .attention.backend import LCKVAttentionBackend
-from .attention.impl import attend, write_kv, zero_slots
+from .attention.impl import attend, resolve_impl, write_kv, zero_slots
 from .plan import plan_from_config
 from .plan import LayerPlan
 
@@ -122,6 +122,9 @@ class LCKVAttention(nn.Module):
             lckv_strict=role.strict,
             lckv_window=plan.window(layer_idx),
         )
+        # torch or Triton, decided once for the layer's life (see attention/impl.py): a step never reads the env.
+        self.attn_impl = resolve_impl(vllm_config.device_config.device, self.head_dim,
+                                      self.num_heads // self.num_kv_heads)
         self.own_name = f"{prefix}.attn"
         self.read_name = _attn_name(model_prefix, role.attends_to)
         self.window = plan.window(layer_idx)
@@ -148,9 +151,10 @@ class LCKVAttention(nn.Module):
             q3 = q[:t].view(t, self.num_heads, self.head_dim)
             if self.role.computes_kv:
                 write_kv(k[:t].view(t, self.num_kv_heads, self.head_dim), v[:t].view(t, self.num_kv_heads,
-                         self.head_dim), self.attn.kv_cache, md.slot_mapping)
+                         self.head_dim), self.attn.kv_cache, md.slot_mapping, impl=self.attn_impl)
             read_cache = ctx.no_compile_layers[self.read_name].kv_cache
-            o = attend(q3, read_cache, md, scale=self.scaling, strict=self.role.strict, window=self.window)
+            o = attend(q3, read_cache, md, scale=self.scaling, strict=self.role.strict, window=self.window,
+                       impl=self.attn_impl)
             if t == n:
                 out = o.reshape(n, -1)
             else:
@@ -238,7 +242,8 @@ class LCKVModel(nn.Module):
                 passes = max(1, min(self.plan.num_passes, md.max_query_len))
                 for p in seg.layers:
                     if self.plan.roles[p].computes_kv:
-                        zero_slots(self.layers[p].self_attn.attn.kv_cache, md.slot_mapping)
+                        attn = self.layers[p].self_attn
+                        zero_slots(attn.attn.kv_cache, md.slot_mapping, impl=attn.attn_impl)
             if passes == 1:
                 for i in seg.layers:
                     hidden, residual = self.layers[i](positions, hidden, residual)

@@ -1,28 +1,102 @@
 """Paged attention for the LCKV backend: KV writes, zero-fill of producer slots, and attention reads.
 
 One switch picks who does the math: `LCKV_ATTENTION_IMPL` = `auto` (Triton on CUDA, torch elsewhere) | `triton` |
-`torch`.  The torch path below is the CPU workhorse.  It is not the naive "gather each sequence's pages per layer"
-loop: everything that depends only on the batch (padded query/key index tensors, masks) is built once per step and
-cached on the step's metadata, so each layer costs one gather, one SDPA call and one scatter.
+`torch`.  The model resolves it once per layer, when the layer is built (`resolve_impl`), and passes the answer to
+every call (`impl=`): an engine keeps the implementation it was built with, whatever the environment says later
+(two engines in one process may differ), and no attention call reads the environment.  Callers that pass no `impl`
+(vLLM's own `Attention.forward` path) get the environment's choice at call time.
+
+The Triton kernels live in `lckv_vllm.kernels` (the repository's `kernels/`) and are imported on first use.  The
+torch path below is the CPU workhorse.  It is not the naive "gather each sequence's pages per layer" loop:
+everything that depends only on the batch (padded query/key index tensors, masks) is built once per step and cached
+on the step's metadata, so each layer costs one gather, one SDPA call and one scatter.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 IMPL_ENV = "LCKV_ATTENTION_IMPL"
+logger = logging.getLogger("lckv_vllm")
 
 
-def selected_impl(device: torch.device | None = None) -> str:
-    choice = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
+def selected_impl(device: torch.device | None = None, choice: str | None = None) -> str:
+    """"torch" or "triton": `choice` (default: the environment's `LCKV_ATTENTION_IMPL`), with auto resolved by device."""
+    if choice is None:
+        choice = os.environ.get(IMPL_ENV, "auto")
+    choice = choice.strip().lower() or "auto"
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"{IMPL_ENV}={choice!r}: expected one of auto, torch, triton")
     if choice == "auto":
-        return "triton" if (device is not None and device.type == "cuda") else "torch"
+        return "triton" if (device is not None and torch.device(device).type == "cuda") else "torch"
     return choice
+
+
+def resolve_impl(device: torch.device | str | None, head_size: int, num_queries_per_kv: int) -> str:
+    """The implementation a layer uses for its whole life, decided at construction.
+
+    `auto` falls back to torch for shapes the Triton kernels do not cover (with a log line); an explicit `triton`
+    for such a shape is an error, raised here rather than at the first request.  Choosing Triton imports the
+    kernels now, so a broken Triton install also fails at start-up.
+    """
+    choice = os.environ.get(IMPL_ENV, "auto")
+    if selected_impl(device, choice) != "triton":
+        return "torch"
+    kernels = _kernels()[1]
+    problem = None
+    if head_size not in kernels.SUPPORTED_HEAD_SIZES:
+        problem = f"head size {head_size} (supported: {kernels.SUPPORTED_HEAD_SIZES})"
+    elif num_queries_per_kv > kernels.MAX_QUERIES_PER_KV:
+        problem = f"{num_queries_per_kv} query heads per KV head (supported: up to {kernels.MAX_QUERIES_PER_KV})"
+    if problem is None:
+        return "triton"
+    if choice.strip().lower() == "triton":
+        raise ValueError(f"{IMPL_ENV}=triton: the Triton kernels do not support {problem}")
+    logger.info("LCKV attention: the Triton kernels do not support %s; using the torch path", problem)
+    return "torch"
+
+
+def use_triton_interpreter_if_needed() -> None:
+    """Set `TRITON_INTERPRET=1` when the Triton path is asked for and there is no GPU to compile for.
+
+    Triton decides at decoration time, i.e. when a kernel module is imported, whether a `@triton.jit` function is
+    compiled or interpreted, so this must run before that import, in every process that may import it:
+    `lckv_vllm.register()` calls it (vLLM runs that in each process it starts), and `_kernels()` again before the
+    lazy import.  Only an explicit `triton` triggers it: `auto` means torch on a machine without CUDA.
+    """
+    if os.environ.get(IMPL_ENV, "").strip().lower() != "triton":
+        return
+    if _kernels_imported():
+        return  # too late to matter, and changing it now would only mislead other Triton users of the process
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_KERNELS = None
+_KERNEL_MODULES = ("lckv_vllm.kernels.kv_cache", "lckv_vllm.kernels.paged_attention")
+
+
+def _kernels_imported() -> bool:
+    return any(m in sys.modules for m in _KERNEL_MODULES)
+
+
+def _kernels():
+    """The Triton kernel entry points, imported on first use (importing Triton is slow and GPU-only in practice)."""
+    global _KERNELS
+    if _KERNELS is None:
+        if not _kernels_imported() and not torch.cuda.is_available():
+            # Defensive twin of use_triton_interpreter_if_needed(): here the caller has already chosen Triton (for
+            # instance with impl="triton"), whatever the environment says, and without CUDA only the interpreter runs.
+            os.environ["TRITON_INTERPRET"] = "1"
+        from ..kernels import kv_cache, paged_attention
+
+        _KERNELS = (kv_cache, paged_attention)
+    return _KERNELS
 
 
 def slot_view(kv_cache: torch.Tensor) -> torch.Tensor:
@@ -39,9 +113,13 @@ def slot_view(kv_cache: torch.Tensor) -> torch.Tensor:
     return phys.reshape(nb * bs, h, c)
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
+             impl: str | None = None) -> None:
     """Store `key`/`value` `[num_tokens, num_kv_heads, head_size]` at `slot_mapping` (−1 = padding, skipped)."""
     slots = slot_view(kv_cache)
+    if (impl or selected_impl(key.device)) == "triton":
+        _kernels()[0].write_kv(key, value, slots, slot_mapping)
+        return
     d = key.shape[-1]
     sm = slot_mapping.long()
     valid = sm >= 0
@@ -51,9 +129,12 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     slots[sm, :, d:] = value.to(slots.dtype)
 
 
-def zero_slots(kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def zero_slots(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *, impl: str | None = None) -> None:
     """Zero the K/V of this step's tokens: the starting point of an iterative prefill (DESIGN.md §1)."""
     slots = slot_view(kv_cache)
+    if (impl or selected_impl(slots.device)) == "triton":
+        _kernels()[0].zero_slots(slots, slot_mapping)
+        return
     sm = slot_mapping.long()
     sm = sm[sm >= 0]
     slots[sm] = 0
@@ -67,15 +148,36 @@ def attend(
     scale: float,
     strict: bool,
     window: int | None,
+    impl: str | None = None,
 ) -> torch.Tensor:
     """Attention of this step's queries `[num_tokens, num_heads, head_size]` over the pages in `kv_cache`.
 
     `strict`: the query at position t sees keys < t (a query with no visible key outputs exactly 0); otherwise ≤ t.
     `window`: only the `window` most recent positions t-window+1 … t are visible (minus t itself when strict).
+    `impl`: "torch" | "triton" as resolved by `resolve_impl`; None reads the environment now.
     """
-    if selected_impl(q.device) == "triton":
-        raise NotImplementedError(f"{IMPL_ENV}=triton: the Triton kernels are not part of this build yet")
+    if (impl or selected_impl(q.device)) == "triton":
+        return triton_attend(q, kv_cache, md, scale=scale, strict=strict, window=window)
     return torch_attend(q, kv_cache, md, scale=scale, strict=strict, window=window)
+
+
+def triton_attend(q, kv_cache, md, *, scale, strict, window):
+    if kv_cache.dim() != 4:
+        raise ValueError("the Triton path needs vLLM's 4-D page tensor (it reads the block size from it)")
+    B = md.num_reqs
+    return _kernels()[1].paged_attention(
+        q,
+        slot_view(kv_cache),
+        query_start_loc=md.query_start_loc[: B + 1],
+        seq_lens=md.seq_lens[:B],
+        block_table=md.block_table[:B],
+        block_size=kv_cache.shape[2],
+        scale=scale,
+        strict=strict,
+        window=window,
+        max_query_len=md.max_query_len,
+        max_seq_len=md.max_seq_len,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

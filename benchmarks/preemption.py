@@ -1,0 +1,83 @@
+"""How much does recompute-after-preemption change greedy outputs of a cyclic plan?  (DESIGN.md §1)
+
+vLLM 0.32 handles a full KV cache by preempting a running request and later re-encoding prompt + generated tokens
+in one prefill step.  For a cyclic LCKV plan that re-encoding is the iterative approximation beyond m+b tokens,
+whereas the original run encoded the prompt iteratively and every generated token exactly, one per step.  This
+script squeezes the KV budget until vLLM preempts, then compares every request's greedy tokens with the reference
+(`ReferenceModel.generate`, no preemption).  An acyclic plan (CLA) is run the same way as the control: it must match.
+
+    .venv/bin/python benchmarks/preemption.py      -> benchmarks/results/preemption.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+HERE = Path(__file__).resolve().parent
+N_REQ, PROMPT, GEN, BLOCK = 12, 40, 120, 16
+KV_TOKENS = 640  # far below N_REQ * (PROMPT + GEN) = 1920: forces preemption
+
+
+def preemptions(llm) -> int:
+    total = 0
+    for m in llm.get_metrics():
+        if m.name == "vllm:num_preemptions":
+            total += int(getattr(m, "value", 0))
+    return total
+
+
+def run(preset: str, work: Path) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from lckv_vllm.checkpoint import make_preset
+    from lckv_vllm.plan import plan_from_config
+    from lckv_vllm.reference import ReferenceModel
+
+    path = make_preset(preset, work / preset)
+    ref = ReferenceModel(path)
+    plan = ref.plan
+    kv_bytes = plan.kv_bytes_per_token(ref.nkv, ref.hd, 4) * KV_TOKENS
+    llm = LLM(str(path), dtype="float32", kv_cache_memory_bytes=kv_bytes, max_model_len=256, seed=0,
+              block_size=BLOCK, max_num_seqs=N_REQ, disable_log_stats=False)
+    rnd = random.Random(1)
+    prompts = [[rnd.randrange(3, 32000) for _ in range(PROMPT)] for _ in range(N_REQ)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                        SamplingParams(max_tokens=GEN, temperature=0, ignore_eos=True), use_tqdm=False)
+    n_pre = preemptions(llm)
+    differ, first_div = 0, []
+    for p, o in zip(prompts, outs):
+        toks = list(o.outputs[0].token_ids)
+        rtoks, _ = ref.generate(p, GEN)
+        if toks != rtoks:
+            differ += 1
+            first_div.append(next(i for i, (a, b) in enumerate(zip(toks, rtoks)) if a != b))
+    del llm
+    return {"preset": preset, "cyclic": plan.is_cyclic, "layer_types": plan.layer_types, "requests": N_REQ,
+            "prompt_len": PROMPT, "generated": GEN, "kv_capacity_tokens": KV_TOKENS, "preemptions": n_pre,
+            "requests_differing_from_reference": differ, "first_divergence_positions": sorted(first_div)}
+
+
+def main() -> int:
+    work = HERE.parent / "models" / "preemption"
+    results = [run("tiny-w2", work), run("tiny-cla", work)]
+    out = HERE / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preemption.json").write_text(json.dumps({"command": "python benchmarks/preemption.py",
+                                                     "results": results}, indent=2) + "\n")
+    for r in results:
+        print(f"{r['preset']:10s} cyclic={r['cyclic']!s:5s} preemptions={r['preemptions']:3d} "
+              f"requests differing from reference: {r['requests_differing_from_reference']}/{r['requests']} "
+              f"first divergence at generated token {r['first_divergence_positions']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

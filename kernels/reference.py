@@ -1,0 +1,76 @@
+"""Float64 torch references for the Triton kernels in this folder: the oracle of `kernels/test_*.py`.
+
+They are written to be obviously correct rather than fast: each sequence is gathered key by key from its block
+table, the visibility mask is spelled out from the definitions (DESIGN.md §1), and everything is computed in float64.
+They deliberately share no code with `lckv_vllm/attention/impl.py`'s torch path, so a test against them is an
+independent check of both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_slots: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_slots[slot, :, :D] = key[t], kv_slots[slot, :, D:] = value[t] for every token t whose slot is not -1."""
+    d = key.shape[-1]
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot < 0:
+            continue
+        kv_slots[slot, :, :d] = key[t].to(kv_slots.dtype)
+        kv_slots[slot, :, d:] = value[t].to(kv_slots.dtype)
+
+
+def zero_slots_ref(kv_slots: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_slots[slot] = 0 for every slot that is not -1."""
+    for slot in slot_mapping.tolist():
+        if slot >= 0:
+            kv_slots[slot] = 0
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    kv_slots: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    block_size: int,
+    scale: float,
+    strict: bool,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of packed varlen queries over paged K/V, in float64.  Returns `[num_tokens, num_heads, head_size]`.
+
+    q: [num_tokens, num_heads, D]; kv_slots: [num_slots, num_kv_heads, 2D] (K then V); query_start_loc:
+    [num_seqs + 1]; seq_lens: [num_seqs] (context + query tokens); block_table: [num_seqs, max_blocks].
+    Query i of sequence s sits at position seq_len - query_len + i and sees key position p iff
+    p <= t (p < t when strict) and, with a window w, p > t - w.  A query that sees no key outputs 0.
+    """
+    num_tokens, num_heads, d = q.shape
+    num_kv_heads = kv_slots.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.zeros(num_tokens, num_heads, d, dtype=torch.float64)
+    qsl = query_start_loc.tolist()
+    for s, seq_len in enumerate(seq_lens.tolist()):
+        q0, q1 = qsl[s], qsl[s + 1]
+        q_len = q1 - q0
+        if q_len == 0:
+            continue
+        positions = list(range(seq_len))
+        slots = [int(block_table[s, p // block_size]) * block_size + p % block_size for p in positions]
+        kv = kv_slots[torch.tensor(slots, dtype=torch.long)].to(torch.float64).cpu()  # [seq_len, Hk, 2D]
+        k, v = kv[..., :d], kv[..., d:]
+        qs = q[q0:q1].to(torch.float64).cpu()  # [q_len, Hq, D]
+        t = torch.arange(seq_len - q_len, seq_len)[:, None]  # query positions
+        p = torch.arange(seq_len)[None, :]  # key positions
+        visible = (p < t) if strict else (p <= t)
+        if window is not None:
+            visible &= p > t - window
+        for h in range(num_heads):
+            kh = h // group  # GQA: query heads [kh*group, (kh+1)*group) read KV head kh
+            scores = (qs[:, h] @ k[:, kh].T) * scale  # [q_len, seq_len]
+            scores = scores.masked_fill(~visible, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key: softmax of all -inf is NaN -> 0
+            out[q0:q1, h] = probs @ v[:, kh]
+    return out

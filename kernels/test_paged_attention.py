@@ -1,0 +1,154 @@
+"""The unified paged-attention kernel against the float64 reference (`reference.paged_attention_ref`).
+
+Every case draws fresh random inputs, scatters each sequence over a shuffled set of pages, poisons everything the
+kernel must not read (unused pages, the tail of a partial last page, block-table padding) and the output with NaN,
+and checks the error against the reference with a bound per dtype.  Rows that see no key must be exactly 0.
+Shapes are small on purpose: on CPU the kernels run under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lckv_vllm.kernels.paged_attention import paged_attention
+from lckv_vllm.kernels.reference import paged_attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Max |kernel - float64 reference| on outputs of magnitude ~1.  fp32: exact-ish (fp32 accumulation, IEEE dots);
+# fp16/bf16: dominated by rounding P to the input dtype before P @ V and by rounding the output itself.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+# (context tokens already in the cache, query tokens this step) per sequence.  Covers: a sequence of length 1,
+# prefill from position 0, chunked prefill on top of a context, decode, a prefill ending exactly on a page
+# boundary, sequences longer than one key tile.
+MIXED = [(0, 1), (0, 7), (13, 5), (30, 1), (16, 16), (0, 19), (41, 3)]
+DECODE = [(0, 1), (5, 1), (63, 1), (100, 1), (37, 1)]
+
+measured: dict = {}  # dtype -> worst error seen over this module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_errors():
+    """Print the worst error per dtype once the module is done (visible with `pytest -s`)."""
+    yield
+    for dtype, err in sorted(measured.items(), key=str):
+        print(f"\npaged_attention max |err| vs float64 reference, {dtype}: {err:.3g}")
+
+
+def make_batch(ctx_q, num_kv_heads, group, head_size, dtype, block_size, seed):
+    """Random queries and pages for `ctx_q`; everything the kernel must not read is NaN."""
+    g = torch.Generator().manual_seed(seed)
+    num_heads = num_kv_heads * group
+    blocks_per_seq = [math.ceil((c + q) / block_size) for c, q in ctx_q]
+    num_blocks = sum(blocks_per_seq) + 3  # spare pages that no sequence owns
+    perm = torch.randperm(num_blocks, generator=g)  # shuffled, non-contiguous pages
+    width = max(blocks_per_seq) + 2
+    spare = perm[-1].item()
+    block_table = torch.full((len(ctx_q), width), spare, dtype=torch.int32)  # padding points at a NaN page
+    used = 0
+    for s, n in enumerate(blocks_per_seq):
+        block_table[s, :n] = perm[used:used + n]
+        used += n
+    kv = torch.randn(num_blocks * block_size, num_kv_heads, 2 * head_size, generator=g)
+    valid = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    for s, (c, q) in enumerate(ctx_q):
+        p = torch.arange(c + q)
+        valid[block_table[s, p // block_size].long() * block_size + p % block_size] = True
+    kv[~valid] = float("nan")  # spare pages and the tails of partial last pages
+    kv = kv.to(dtype)
+    q_lens = torch.tensor([q for _, q in ctx_q])
+    query_start_loc = torch.zeros(len(ctx_q) + 1, dtype=torch.int32)
+    query_start_loc[1:] = q_lens.cumsum(0)
+    seq_lens = torch.tensor([c + q for c, q in ctx_q], dtype=torch.int32)
+    num_tokens = int(query_start_loc[-1])
+    # Queries as the model passes them: a view into a fused projection output, rows not contiguous.
+    fused = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_size, generator=g).to(dtype)
+    q = fused[:, :num_heads * head_size].view(num_tokens, num_heads, head_size)
+    return q, kv, query_start_loc, seq_lens, block_table
+
+
+def no_key_rows(ctx_q, strict, window):
+    """Token indices whose query sees no key: position 0 under strict, and window 1 under strict."""
+    rows, t0 = [], 0
+    for c, q in ctx_q:
+        for i in range(q):
+            pos = c + i
+            first = 0 if window is None else max(0, pos - window + 1)
+            last = pos - 1 if strict else pos
+            if last < first:
+                rows.append(t0 + i)
+        t0 += q
+    return rows
+
+
+def check(ctx_q, *, num_kv_heads=2, group=1, head_size=32, dtype=torch.float32, block_size=8, strict=False,
+          window=None, num_splits=1, block_n=16, seed=0):
+    q, kv, qsl, seq_lens, bt = make_batch(ctx_q, num_kv_heads, group, head_size, dtype, block_size, seed)
+    scale = head_size ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)  # poisoned: every row must be written
+    on = lambda x: x.to(DEVICE)  # noqa: E731
+    got = paged_attention(
+        on(q), on(kv), query_start_loc=on(qsl), seq_lens=on(seq_lens), block_table=on(bt), block_size=block_size,
+        scale=scale, strict=strict, window=window, max_query_len=max(n for _, n in ctx_q),
+        max_seq_len=int(seq_lens.max()), out=out, num_splits=num_splits, block_n=block_n,
+    )
+    assert got is out
+    ref = paged_attention_ref(q, kv, qsl, seq_lens, bt, block_size, scale, strict, window)
+    got = got.cpu().to(torch.float64)
+    assert not got.isnan().any(), "NaN in the output: a row was not written or a poisoned slot was read"
+    err = (got - ref).abs().max().item()
+    measured[dtype] = max(measured.get(dtype, 0.0), err)
+    assert err <= TOLERANCE[dtype], f"max |err| {err:.3g} > {TOLERANCE[dtype]:.1g} ({dtype})"
+    zero = no_key_rows(ctx_q, strict, window)
+    if zero:
+        assert (got[zero] == 0).all(), "a query with no visible key must output exactly 0"
+    return err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_size", [32, 64, 80, 96, 128])
+@pytest.mark.parametrize("strict", [False, True], ids=["causal", "strict"])
+def test_mixed_batch_dtypes_and_head_sizes(dtype, head_size, strict):
+    check(MIXED, num_kv_heads=1, group=3, head_size=head_size, dtype=dtype, strict=strict,
+          seed=head_size + strict)
+
+
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("strict", [False, True], ids=["causal", "strict"])
+@pytest.mark.parametrize("window", [None, 1, 5], ids=["full", "w1", "w5"])
+def test_gqa_strict_window(group, strict, window):
+    check(MIXED, num_kv_heads=2, group=group, strict=strict, window=window, seed=10 * group + strict)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16, 32])
+def test_block_sizes(block_size):
+    check(MIXED, group=2, head_size=64, dtype=torch.float16, block_size=block_size, strict=True, window=9,
+          seed=block_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+@pytest.mark.parametrize("strict,window", [(False, None), (True, None), (True, 20)], ids=["causal", "strict", "w20"])
+def test_split_kv_decode(dtype, num_splits, strict, window):
+    # 7 splits of the 1..101-key ranges (16-key tiles) leaves trailing partitions empty: they must weigh 0.
+    check(DECODE, num_kv_heads=2, group=3, head_size=80, dtype=dtype, strict=strict, window=window,
+          num_splits=num_splits, seed=num_splits)
+
+
+def test_split_kv_mixed_batch():
+    """The split path is generic: prefill tiles are partitioned the same way."""
+    check(MIXED, num_kv_heads=1, group=2, strict=True, num_splits=3, seed=5)
+
+
+def test_default_launch_configuration():
+    """num_splits / block_n left to the launcher (64-key tiles here)."""
+    check(MIXED + DECODE, num_kv_heads=2, group=4, head_size=64, dtype=torch.float16, strict=True,
+          num_splits=None, block_n=None, seed=3)
+
+
+def test_strict_position_zero_alone():
+    """A batch of only first tokens under strict: nothing to see, output exactly 0 (not NaN, not uniform)."""
+    check([(0, 1), (0, 1)], group=2, strict=True, seed=4)
