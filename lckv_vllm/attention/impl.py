@@ -120,13 +120,12 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     if (impl or selected_impl(key.device)) == "triton":
         _kernels()[0].write_kv(key, value, slots, slot_mapping)
         return
-    d = key.shape[-1]
     sm = slot_mapping.long()
     valid = sm >= 0
     if not bool(valid.all()):
         sm, key, value = sm[valid], key[valid], value[valid]
-    slots[sm, :, :d] = key.to(slots.dtype)
-    slots[sm, :, d:] = value.to(slots.dtype)
+    # one copy of whole slots (K and V side by side), not two strided scatters into halves of the last axis
+    slots.index_copy_(0, sm, torch.cat([key, value], -1).to(slots.dtype))
 
 
 def zero_slots(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *, impl: str | None = None) -> None:
@@ -226,6 +225,8 @@ class _StepIndex:
                 vis = vis & (kp > qp - window)
             vis = vis & self.k_valid[:, None, :]
             has_key = vis.any(-1)  # [B, Q]
+            if bool((has_key | ~self.q_valid).all()):
+                has_key = None  # every real query sees a key (always so unless a strict row sits at position 0)
             m = (vis[:, None, :, :], has_key)
             self.masks[key] = m
         return m
@@ -260,7 +261,8 @@ def torch_attend(q, kv_cache, md, *, scale, strict, window):
     )  # [B, Hq, Q, D]
     out = out.transpose(1, 2)  # [B, Q, Hq, D]
     # A row that sees no key (position 0 under the strict mask) is defined as 0, not NaN and not a uniform average.
-    out = torch.where(has_key[:, :, None, None], out, 0.0)
+    if has_key is not None:
+        out = torch.where(has_key[:, :, None, None], out, 0.0)
     if idx.single_query:
         return out[:, 0]
     return out[idx.q_valid]
