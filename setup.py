@@ -20,6 +20,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["lckv = lckv_vllm:register"],
-        "console_scripts": ["lckv-vllm = lckv_vllm.cli:main"],
+        "console_scripts": ["lckv-vllm = lckv_vllm.cli:main", "lckv-serve = lckv_vllm.server.cli:main"],
     },
 )

@@ -1,1 +1,12 @@
-"""lckv-serve: an OpenAI-compatible FastAPI server on vLLM's AsyncLLM (issue 4)."""
+"""lckv-serve: an OpenAI-compatible FastAPI server on vLLM's AsyncLLM (issue 4).
+
+Modules: `cli` (the `lckv-serve` command: arguments, engine start-up, graceful shutdown), `app` (routes and the
+ASGI guards: API key, body limit, request metrics), `serving` (completions and chat, plain and streamed),
+`engine` (the only code that talks to the engine), `schemas` (pydantic request/response models), `errors`
+(OpenAI-shaped errors and status mapping), `metrics` (Prometheus, private registry).  Importing this package is
+cheap; vLLM is imported by the modules that need it.
+"""
+
+from lckv_vllm import __version__
+
+__all__ = ["__version__"]

@@ -1,0 +1,167 @@
+"""Run the locust load test against lckv-serve for an LCKV model and its baselines, and write one JSON report.
+
+    .venv/bin/python loadtests/run.py                       # tiny-w2 vs tiny-identity vs vLLM's own Llama
+    .venv/bin/python loadtests/run.py --models bench-w2 bench-identity llama:bench-identity --requests 96
+
+A model is a preset name (built into a temporary directory), a checkpoint directory, or `llama:PRESET`: the
+identity preset exported as a plain Llama checkpoint, which vLLM serves with its own LlamaForCausalLM (DESIGN.md §5:
+always run the baseline of the same shape in the same run).  Every model gets the same server settings (dtype,
+block size, KV budget, max_num_seqs) and the same load (users, request count, prompt/output lengths, seed); the
+report gives each model's `vllm bench serve`-style numbers and their ratios to the baseline.
+
+Bounded: servers bind 127.0.0.1 only, each load phase stops after --requests requests or --run-time seconds,
+whichever comes first, and every server is stopped with SIGTERM before the next one starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def _prepare(spec: str, tmp: Path) -> tuple[str, Path]:
+    from lckv_vllm.checkpoint import PRESETS, export_llama, make_preset
+
+    if spec.startswith("llama:"):
+        src = make_preset(spec.split(":", 1)[1], tmp / spec.split(":", 1)[1])
+        return spec, export_llama(src, tmp / spec.replace(":", "-"))
+    if spec in PRESETS:
+        return spec, make_preset(spec, tmp / spec)
+    path = Path(spec)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"run.py: {spec!r} is neither a preset ({', '.join(PRESETS)}), llama:PRESET, nor a "
+                         f"checkpoint directory")
+    return path.name, path
+
+
+def _metrics(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("lckv_kv_") or line.startswith("lckv_requests_total"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def _run_one(name: str, path: Path, args, tmp: Path) -> dict:
+    from lckv_vllm.demo import free_port, wait_ready
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp / f"{name.replace(':', '-')}-server.log"
+    cmd = [str(BIN / "lckv-serve"), str(path), "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", name, "--dtype", args.dtype, "--block-size", str(args.block_size),
+           "--kv-cache-memory-bytes", str(args.kv_bytes), "--max-num-seqs", str(args.users),
+           "--max-model-len", str(args.prompt_tokens * 2 + args.max_tokens + 64), "--seed", str(args.seed)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    print(f"[{name}] starting lckv-serve on {url}", flush=True)
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        try:
+            wait_ready(url, proc, timeout=300)
+        except (RuntimeError, TimeoutError) as e:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise SystemExit(f"[{name}] {e}; last lines of {log.name}:\n{tail}") from None
+        # one warm-up request so that the first measured TTFT is not the engine's first-step set-up
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(
+            {"prompt": "warm up", "max_tokens": 2}).encode(), headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=120).read()
+        out = tmp / f"{name.replace(':', '-')}-load.json"
+        load_env = dict(env, LCKV_LOAD_MODEL=name, LCKV_LOAD_PROMPT_TOKENS=str(args.prompt_tokens),
+                        LCKV_LOAD_MAX_TOKENS=str(args.max_tokens), LCKV_LOAD_REQUESTS=str(args.requests),
+                        LCKV_LOAD_SEED=str(args.seed), LCKV_LOAD_OUT=str(out))
+        locust = [str(BIN / "locust"), "-f", str(HERE / "locustfile.py"), "--headless", "-H", url,
+                  "-u", str(args.users), "-r", str(args.users), "-t", f"{args.run_time}s", "--stop-timeout", "30",
+                  "--only-summary", "--loglevel", "WARNING"]
+        print(f"[{name}] locust: {args.users} users, {args.requests} requests, at most {args.run_time} s", flush=True)
+        subprocess.run(locust, env=load_env, timeout=args.run_time + 120, check=False, stdout=subprocess.DEVNULL)
+        result = json.loads(out.read_text())
+        kv = _metrics(url)
+        result["kv"] = {k.removeprefix("lckv_kv_"): v for k, v in kv.items() if k.startswith("lckv_kv_")}
+        return result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _ratios(result: dict, base: dict) -> dict:
+    def r(a, b):
+        return a / b if a is not None and b else None
+
+    out = {k: r(result.get(k), base.get(k)) for k in ("request_throughput_per_s", "output_token_throughput_per_s")}
+    for m in ("ttft", "tpot", "itl", "e2el"):
+        out[f"{m}_mean"] = r(result[m]["mean_ms"], base[m]["mean_ms"])
+    out["kv_capacity_tokens"] = r(result["kv"].get("capacity_tokens"), base["kv"].get("capacity_tokens"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["tiny-w2", "tiny-identity", "llama:tiny-identity"])
+    p.add_argument("--baseline", default=None, help="model the ratios refer to (default: the last one)")
+    p.add_argument("--users", type=int, default=4)
+    p.add_argument("--requests", type=int, default=48)
+    p.add_argument("--run-time", type=int, default=120, help="seconds per model, at most")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--block-size", type=int, default=32, help="a multiple of 32: vLLM's CPU_ATTN (the Llama "
+                   "baseline on CPU) accepts no other")
+    p.add_argument("--kv-bytes", type=int, default=128 << 20, help="KV cache budget per server, bytes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON report (default: print only)")
+    args = p.parse_args(argv)
+
+    import torch
+    import vllm
+
+    import lckv_vllm
+
+    report = {
+        "setup": {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+                  "python": platform.python_version(), "vllm": vllm.__version__, "torch": torch.__version__,
+                  "lckv_vllm": lckv_vllm.__version__, "dtype": args.dtype, "block_size": args.block_size,
+                  "kv_cache_bytes": args.kv_bytes, "users": args.users, "requests": args.requests,
+                  "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "seed": args.seed,
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="lckv-load-") as d:
+        tmp = Path(d)
+        for spec in args.models:
+            name, path = _prepare(spec, tmp)
+            report["models"][name] = _run_one(name, path, args, tmp)
+    base_name = args.baseline or list(report["models"])[-1]
+    base = report["models"][base_name]
+    report["ratios_vs"] = base_name
+    for name, res in report["models"].items():
+        res["ratios"] = _ratios(res, base)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    failed = sum(r["failed"] for r in report["models"].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""`lckv-serve MODEL [options] [vLLM engine options]`: start the engine and serve the OpenAI API over HTTP.
+
+Server options are ours (--host, --port, --api-key, --max-queued-requests, ...); every other option is one of vLLM's
+engine arguments (`AsyncEngineArgs.add_cli_args`: --dtype, --max-model-len, --served-model-name, --block-size,
+--kv-cache-memory-bytes, --max-num-seqs, ...), parsed by vLLM's own parser, so they mean what they mean to
+`vllm serve`.  `lckv-serve --help` lists them all.
+
+Start-up order: bind the socket (a busy port fails in a second, not after the engine's start-up), start the engine,
+then uvicorn.  SIGTERM or SIGINT: stop accepting, let running requests finish (up to --graceful-timeout seconds),
+shut the engine down, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+logger = logging.getLogger("lckv_vllm.server")
+
+DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise: the server has no TLS and an optional key
+
+
+class _Terminated(BaseException):
+    """SIGTERM/SIGINT arrived before uvicorn took over signal handling (during the engine's start-up)."""
+
+
+def make_parser():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(
+        prog="lckv-serve",
+        description="OpenAI-compatible server for LCKV and other cross-layer KV-sharing models on vLLM's AsyncLLM. "
+                    "Options other than the server options below are vLLM engine arguments.",
+    )
+    parser.add_argument("model_tag", metavar="MODEL", help="model directory (or a name vLLM can load)")
+    srv = parser.add_argument_group("lckv-serve server options")
+    srv.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)")
+    srv.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    srv.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on /v1/* (default: the LCKV_API_KEY environment "
+                          "variable; no key when neither is set)")
+    srv.add_argument("--max-queued-requests", type=int, default=None, metavar="N",
+                     help="admit at most max_num_seqs + N sequences at once (a request counts prompts x n); "
+                          "beyond that answer 503 with Retry-After (default: no limit)")
+    srv.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                     help="largest accepted request body; larger ones get 413 (default: %(default)s)")
+    srv.add_argument("--graceful-timeout", type=float, default=10.0,
+                     help="seconds to let running requests finish on SIGTERM (default: %(default)s)")
+    srv.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="log level of the HTTP server and of lckv-serve's own messages (vLLM's: --log-level)")
+    srv.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    AsyncEngineArgs.add_cli_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    # an empty key means "no key" either way, never "the empty string is the key"
+    args.api_key = args.api_key or os.environ.get("LCKV_API_KEY") or None
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        parser.error("--max-queued-requests must be >= 0")
+    if args.max_body_bytes < 1024:
+        parser.error("--max-body-bytes must be at least 1024")
+    args.model = args.model_tag  # vLLM's engine args take the model as --model; ours is positional
+    return args
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _serve(args, sock: socket.socket, state: dict) -> None:
+    import uvicorn
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from .app import create_app
+    from .engine import EngineFrontend
+    from .metrics import EngineStats
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    stats = EngineStats()
+    engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
+                                       stat_loggers=[stats.stat_logger_factory()])
+    fe = None
+    try:
+        names = args.served_model_name or [args.model]
+        names = [names] if isinstance(names, str) else list(names)
+        fe = EngineFrontend(engine, served_model_names=names, model_path=args.model,
+                            max_queued_requests=args.max_queued_requests, stats=stats)
+        app = create_app(fe, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+        config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=args.access_log,
+                                timeout_graceful_shutdown=args.graceful_timeout, timeout_keep_alive=5)
+        server = uvicorn.Server(config)
+        kv = fe.kv
+        logger.info("lckv-serve: model %s as %s on http://%s:%d (KV: %d of %d layers keep KV, %d bytes/token, "
+                    "capacity %s tokens)%s", args.model, names, args.host, args.port, kv.producing_layers,
+                    kv.layers, kv.bytes_per_token, kv.capacity_tokens,
+                    "; API key required" if args.api_key else "")
+        state["serving"] = True
+        await server.serve(sockets=[sock])
+    finally:
+        if fe is not None:
+            fe.shutdown()
+        engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s [lckv-serve] %(message)s")
+    state = {"serving": False}
+
+    def on_signal(signum, frame):
+        # Before uvicorn runs, abort the start-up; afterwards uvicorn has handled the signal (it restores this
+        # handler and re-raises the signal once it has shut down), so there is nothing left to do.
+        if not state["serving"]:
+            raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        args = parse_args(argv)
+        logging.getLogger("lckv_vllm.server").setLevel(args.uvicorn_log_level.upper())
+        try:
+            sock = _bind(args.host, args.port)
+        except OSError as e:
+            print(f"lckv-serve: cannot bind {args.host}:{args.port}: {e}", file=sys.stderr)
+            return 1
+        asyncio.run(_serve(args, sock, state))
+    except _Terminated:
+        logger.info("lckv-serve: stopped by signal during start-up")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

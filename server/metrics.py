@@ -1,0 +1,162 @@
+"""Prometheus metrics of lckv-serve (GET /metrics), on a private registry.
+
+A private `CollectorRegistry` keeps our series apart from the ones vLLM registers on the global registry in the
+same process (its `vllm:*` metrics), so the names below are exactly what this server promises:
+
+- `lckv_requests_total{endpoint,status}`: answered HTTP requests (status 499: the client went away first);
+- `lckv_request_e2e_seconds{endpoint}`, `lckv_request_ttft_seconds{endpoint}`: latency histograms;
+- `lckv_requests_running`, `lckv_requests_waiting`: the engine scheduler's view (last step's SchedulerStats);
+- `lckv_requests_unfinished`: requests the engine front end still tracks (0 means nothing left to abort);
+- `lckv_kv_layers`, `lckv_kv_producing_layers`, `lckv_kv_bytes_per_token`, `lckv_kv_capacity_tokens`,
+  `lckv_kv_usage_ratio`, `lckv_kv_used_tokens`: the KV layout of the cross-layer plan and its occupancy.
+
+The engine's per-step statistics reach us through a stat logger handed to `AsyncLLM` (`stat_loggers=`), the
+public hook vLLM offers for this; `EngineStats` keeps the latest snapshot.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/version", "/metrics")
+
+
+@dataclass
+class KVLayout:
+    """The KV cache layout of the served model, from the layer plan and the engine's cache config."""
+
+    layers: int
+    producing_layers: int
+    bytes_per_token: int
+    full_bytes_per_token: int  # the same model with every layer keeping its KV
+    capacity_tokens: int | None  # num_gpu_blocks * block_size, once the engine has allocated its cache
+    block_size: int | None
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> "KVLayout":
+        from lckv_vllm.plan import plan_from_config
+
+        mc = vllm_config.model_config
+        plan = plan_from_config(mc.hf_config)
+        kv_heads = mc.get_num_kv_heads(vllm_config.parallel_config)
+        head_dim = mc.get_head_size()
+        dtype_bytes = _cache_dtype_bytes(vllm_config)
+        cache = vllm_config.cache_config
+        blocks = getattr(cache, "num_gpu_blocks", None)
+        block_size = getattr(cache, "block_size", None)
+        return cls(
+            layers=plan.num_layers,
+            producing_layers=len(plan.producers),
+            bytes_per_token=plan.kv_bytes_per_token(kv_heads, head_dim, dtype_bytes),
+            full_bytes_per_token=plan.full_kv_bytes_per_token(kv_heads, head_dim, dtype_bytes),
+            capacity_tokens=blocks * block_size if blocks and block_size else None,
+            block_size=block_size,
+        )
+
+
+def _cache_dtype_bytes(vllm_config) -> int:
+    cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+    if cache_dtype.startswith("fp8"):
+        return 1
+    return vllm_config.model_config.dtype.itemsize
+
+
+class EngineStats:
+    """Latest scheduler statistics of the engine, fed by `stat_logger_factory()`."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.waiting = 0
+        self.kv_usage = 0.0
+        self.updated: float | None = None
+
+    def update(self, scheduler_stats) -> None:
+        self.running = int(scheduler_stats.num_running_reqs)
+        self.waiting = int(scheduler_stats.num_waiting_reqs) + int(getattr(scheduler_stats,
+                                                                           "num_skipped_waiting_reqs", 0))
+        self.kv_usage = float(scheduler_stats.kv_cache_usage)
+        self.updated = time.time()
+
+    def stat_logger_factory(self):
+        """A per-engine stat logger factory for `AsyncLLM(stat_loggers=[...])` that records into self."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class _Recorder(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                self.engine_index = engine_index
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    stats.update(scheduler_stats)
+
+            def log_engine_initialized(self):
+                pass
+
+        return _Recorder
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("lckv_requests", "HTTP requests answered, by endpoint and status "
+                                "(499: the client disconnected first)", ["endpoint", "status"], registry=r)
+        self.e2e = Histogram("lckv_request_e2e_seconds", "Time from request arrival to the last byte of the "
+                             "response", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("lckv_request_ttft_seconds", "Time from request arrival to the first generated "
+                              "token", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("lckv_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generation_tokens = Counter("lckv_generation_tokens", "Generated tokens", registry=r)
+        self.rejected = Counter("lckv_requests_rejected", "Requests refused because the queue was full",
+                                registry=r)
+        self.running = Gauge("lckv_requests_running", "Requests the engine scheduler is running", registry=r)
+        self.waiting = Gauge("lckv_requests_waiting", "Requests waiting in the engine scheduler's queue",
+                             registry=r)
+        self.unfinished = Gauge("lckv_requests_unfinished", "Requests (sequences) the engine front end still "
+                                "tracks", registry=r)
+        self.admitted = Gauge("lckv_sequences_admitted", "Sequences admitted by this server and not finished "
+                              "(counted against --max-queued-requests)", registry=r)
+        self.engine_up = Gauge("lckv_engine_healthy", "1 while the engine is alive", registry=r)
+        self.kv_layers = Gauge("lckv_kv_layers", "Decoder layers of the served model", registry=r)
+        self.kv_producers = Gauge("lckv_kv_producing_layers", "Layers that compute and store KV (own KV pages)",
+                                  registry=r)
+        self.kv_bytes = Gauge("lckv_kv_bytes_per_token", "KV cache bytes per token (producing layers only)",
+                              registry=r)
+        self.kv_full_bytes = Gauge("lckv_kv_full_bytes_per_token", "KV bytes per token if every layer kept its "
+                                   "KV (the plain-model baseline)", registry=r)
+        self.kv_capacity = Gauge("lckv_kv_capacity_tokens", "Tokens the allocated KV cache can hold", registry=r)
+        self.kv_usage = Gauge("lckv_kv_usage_ratio", "Fraction of the KV cache in use (engine scheduler)",
+                              registry=r)
+        self.kv_used = Gauge("lckv_kv_used_tokens", "Approximate tokens in the KV cache (usage x capacity)",
+                             registry=r)
+
+    @staticmethod
+    def endpoint_label(path: str) -> str:
+        # Unknown paths share one label so that scanners cannot blow up the number of series.
+        return path if path in ENDPOINTS else "other"
+
+    def observe_request(self, path: str, status: int, seconds: float) -> None:
+        ep = self.endpoint_label(path)
+        self.requests.labels(ep, str(status)).inc()
+        self.e2e.labels(ep).observe(seconds)
+
+    def render(self, kv: KVLayout, stats: EngineStats, unfinished: int, admitted: int, healthy: bool) -> bytes:
+        self.kv_layers.set(kv.layers)
+        self.kv_producers.set(kv.producing_layers)
+        self.kv_bytes.set(kv.bytes_per_token)
+        self.kv_full_bytes.set(kv.full_bytes_per_token)
+        if kv.capacity_tokens is not None:
+            self.kv_capacity.set(kv.capacity_tokens)
+            self.kv_used.set(round(stats.kv_usage * kv.capacity_tokens))
+        self.kv_usage.set(stats.kv_usage)
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.unfinished.set(unfinished)
+        self.admitted.set(admitted)
+        self.engine_up.set(1 if healthy else 0)
+        return generate_latest(self.registry)

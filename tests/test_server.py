@@ -1,0 +1,575 @@
+"""lckv-serve over real HTTP: the OpenAI client, streaming, usage, errors, disconnects, concurrency, the queue limit,
+metrics and SIGTERM; plus the same completion against `vllm serve`.
+
+One lckv-serve subprocess serves the whole module (engine start-up costs ~25 s on 2 cores); the `vllm serve`
+subprocess starts only for its own test, after lckv-serve has been stopped.  The engine-failure path (500) runs
+in-process on a stand-in engine, since a real engine cannot be made to fail on one request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from server_utils import BIN, free_port, parse_metrics, server_env, start_server
+
+pytestmark = pytest.mark.timeout(300)
+
+API_KEY = "test-key-123"
+MODEL = "tiny-w2"
+MAX_MODEL_LEN = 512
+MAX_NUM_SEQS = 16
+MAX_QUEUED = 20
+MAX_BODY = 65536
+GREEDY: dict[str, str] = {}  # lckv-serve's greedy answers, compared with vllm serve's at the end
+
+
+@pytest.fixture(scope="module")
+def model_path(model_dir):
+    return model_dir("tiny-w2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path):
+    import lckv_vllm
+
+    lckv_vllm.register()  # teaches AutoConfig the "lckv-llama" model type
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path))
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("lckv-serve") / "server.log"
+    cmd = [str(BIN / "lckv-serve"), str(model_path), "--port", str(port), "--served-model-name", MODEL,
+           "--max-model-len", str(MAX_MODEL_LEN), "--max-queued-requests", str(MAX_QUEUED),
+           "--max-body-bytes", str(MAX_BODY),
+           # vLLM engine arguments, passed through
+           "--dtype", "float32", "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-memory-bytes", str(64 << 20),
+           "--block-size", "16"]
+    # the key comes from the environment here (the --api-key flag is the other way)
+    srv = start_server(cmd, log, server_env(LCKV_API_KEY=API_KEY), port)
+    yield srv
+    srv.stop()
+    srv.kill_group()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        yield c
+
+
+def metrics(http) -> dict[str, float]:
+    r = http.get("/metrics")
+    assert r.status_code == 200
+    return parse_metrics(r.text)
+
+
+def good_request(http) -> None:
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+def chat_prompt_len(tokenizer, messages) -> int:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False).input_ids)  # the template writes the BOS itself
+
+
+# ---- the OpenAI client ----------------------------------------------------------------------------------------------
+
+
+def test_models_list(client, model_path):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.owned_by == "lckv-vllm"
+
+
+def test_completion_usage_matches_tokenizer(client, tokenizer):
+    prompt = "The capital of France is"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    ids = tokenizer(prompt).input_ids
+    assert r.usage.prompt_tokens == len(ids) and ids[0] == tokenizer.bos_token_id
+    assert r.usage.completion_tokens == 12 and r.usage.total_tokens == len(ids) + 12
+    assert r.choices[0].finish_reason == "length" and r.choices[0].text
+    GREEDY[prompt] = r.choices[0].text
+    # greedy is deterministic, and token ids are the same prompt as the string
+    again = client.completions.create(model=MODEL, prompt=ids, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert again.choices[0].text == r.choices[0].text
+    assert again.usage.prompt_tokens == len(ids)
+
+
+def test_completion_batch_n_seed_and_stop(client, tokenizer):
+    prompts = ["Once upon a time", "In a galaxy far away there was"]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=5, n=2, temperature=1.0, seed=7,
+                                  extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == sum(len(tokenizer(p).input_ids) for p in prompts)
+    assert r.usage.completion_tokens == 4 * 5
+    # a list of token-id lists is a batch too; the seed makes sampling repeatable
+    ids = [tokenizer(p).input_ids for p in prompts]
+    r2 = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, n=2, temperature=1.0, seed=7,
+                                   extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(r2.choices, key=lambda c: c.index)] == \
+        [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+
+    greedy = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=16, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text
+    stop = greedy[len(greedy) // 2:len(greedy) // 2 + 3]
+    stopped = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=16, temperature=0, stop=[stop],
+                                        extra_body={"ignore_eos": True}).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == greedy[:greedy.index(stop)]
+
+
+def test_completion_logprobs_echo_penalties_min_tokens(client, tokenizer):
+    prompt = "Hello world, this is"
+    n_prompt = len(tokenizer(prompt).input_ids)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True,
+                                  presence_penalty=0.5, frequency_penalty=0.5, top_p=0.9,
+                                  extra_body={"top_k": 20, "min_tokens": 4})
+    c = r.choices[0]
+    assert c.text.startswith(prompt)
+    lp = c.logprobs
+    assert len(lp.tokens) == n_prompt + 4 == len(lp.token_logprobs) == len(lp.text_offset)
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert all(len(t) >= 1 for t in lp.top_logprobs[n_prompt:])
+    assert r.usage.completion_tokens == 4
+
+
+def test_completion_streaming(client, http):
+    kw = dict(model=MODEL, prompt="Streaming test prompt", max_tokens=10, temperature=0,
+              extra_body={"ignore_eos": True})
+    plain = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == plain.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    # on the wire: SSE events, the last one [DONE]
+    with http.stream("POST", "/v1/completions", json={**{k: v for k, v in kw.items() if k != "extra_body"},
+                                                       "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert "usage" not in json.loads(events[-2][6:]) or json.loads(events[-2][6:])["usage"] is None
+
+
+def test_chat_and_chat_streaming(client, tokenizer):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == chat_prompt_len(tokenizer, messages)
+    assert r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens and chunks[-1].usage.completion_tokens == 8
+    # logprobs in the chat shape, and n > 1
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, n=2, logprobs=True,
+                                       top_logprobs=2, extra_body={"ignore_eos": True})
+    assert len(r.choices) == 2
+    for ch in r.choices:
+        assert len(ch.logprobs.content) == 3 and all(len(t.top_logprobs) == 2 for t in ch.logprobs.content)
+
+
+# ---- bad requests: status, OpenAI error shape, and the server still answers --------------------------------------
+
+LONG_PROMPT = "hello " * 700  # ~700 tokens > MAX_MODEL_LEN
+
+C = "/v1/completions"
+CH = "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def _chunks(n: int):
+    for _ in range(n // 8192 + 1):
+        yield b" " * 8192
+
+
+BAD_REQUESTS = [
+    # (id, method, path, request kwargs, status, expected param or None)
+    ("malformed-json", "POST", C, {"content": b'{"prompt": "hi", '}, 400, None),
+    ("body-not-object", "POST", C, {"json": ["hi"]}, 400, None),
+    ("missing-prompt", "POST", C, {"json": {"model": MODEL}}, 400, "prompt"),
+    ("prompt-wrong-type", "POST", C, {"json": {"prompt": 123}}, 400, "prompt"),
+    ("empty-prompt", "POST", C, {"json": {"prompt": ""}}, 400, "prompt"),
+    ("empty-prompt-list", "POST", C, {"json": {"prompt": []}}, 400, "prompt"),
+    ("empty-token-list-in-batch", "POST", C, {"json": {"prompt": [[1, 2], []]}}, 400, "prompt"),
+    ("mixed-token-list", "POST", C, {"json": {"prompt": [1, "a", 3]}}, 400, "prompt"),
+    ("token-out-of-vocab", "POST", C, {"json": {"prompt": [1, 2, 10**6]}}, 400, "prompt"),
+    ("negative-token-id", "POST", C, {"json": {"prompt": [1, -5]}}, 400, "prompt"),
+    ("negative-max-tokens", "POST", C, {"json": {"prompt": "hi", "max_tokens": -1}}, 400, "max_tokens"),
+    ("zero-max-tokens", "POST", C, {"json": {"prompt": "hi", "max_tokens": 0}}, 400, "max_tokens"),
+    ("huge-max-tokens", "POST", C, {"json": {"prompt": "hi", "max_tokens": 10**9}}, 400, "max_tokens"),
+    ("max-tokens-string", "POST", C, {"json": {"prompt": "hi", "max_tokens": "ten"}}, 400, "max_tokens"),
+    ("n-zero", "POST", C, {"json": {"prompt": "hi", "n": 0}}, 400, "n"),
+    ("n-too-large", "POST", C, {"json": {"prompt": "hi", "n": 1000}}, 400, "n"),
+    ("negative-temperature", "POST", C, {"json": {"prompt": "hi", "temperature": -0.5}}, 400, "temperature"),
+    ("temperature-string", "POST", C, {"json": {"prompt": "hi", "temperature": "hot"}}, 400, "temperature"),
+    ("top-p-zero", "POST", C, {"json": {"prompt": "hi", "top_p": 0}}, 400, "top_p"),
+    ("top-p-above-one", "POST", C, {"json": {"prompt": "hi", "top_p": 1.5}}, 400, "top_p"),
+    ("top-k-below-minus-one", "POST", C, {"json": {"prompt": "hi", "top_k": -5}}, 400, "top_k"),
+    ("logprobs-too-many", "POST", C, {"json": {"prompt": "hi", "logprobs": 50}}, 400, "logprobs"),
+    ("presence-penalty-range", "POST", C, {"json": {"prompt": "hi", "presence_penalty": 5}}, 400,
+     "presence_penalty"),
+    ("empty-stop-string", "POST", C, {"json": {"prompt": "hi", "stop": [""]}}, 400, "stop"),
+    ("stop-wrong-type", "POST", C, {"json": {"prompt": "hi", "stop": 5}}, 400, "stop"),
+    ("min-tokens-over-max", "POST", C, {"json": {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}}, 400,
+     "min_tokens"),
+    ("stream-not-bool", "POST", C, {"json": {"prompt": "hi", "stream": "maybe"}}, 400, "stream"),
+    ("stream-options-without-stream", "POST", C,
+     {"json": {"prompt": "hi", "stream_options": {"include_usage": True}}}, 400, None),
+    ("suffix-unsupported", "POST", C, {"json": {"prompt": "hi", "suffix": "x"}}, 400, None),
+    ("unknown-model", "POST", C, {"json": {"model": "gpt-17", "prompt": "hi"}}, 404, "model"),
+    ("prompt-over-context", "POST", C, {"json": {"prompt": LONG_PROMPT, "max_tokens": 1}}, 400, "prompt"),
+    ("chat-missing-messages", "POST", CH, {"json": {"model": MODEL}}, 400, "messages"),
+    ("chat-empty-messages", "POST", CH, {"json": {"messages": []}}, 400, "messages"),
+    ("chat-bad-role", "POST", CH, {"json": {"messages": [{"role": "wizard", "content": "hi"}]}}, 400, None),
+    ("chat-image-part", "POST", CH, {"json": {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}}, 400, None),
+    ("chat-unknown-model", "POST", CH, {"json": {"model": "nope", "messages": MSG}}, 404, "model"),
+    ("chat-negative-max-completion-tokens", "POST", CH, {"json": {"messages": MSG, "max_completion_tokens": -3}},
+     400, "max_completion_tokens"),
+    ("chat-top-logprobs-without-logprobs", "POST", CH, {"json": {"messages": MSG, "top_logprobs": 2}}, 400, None),
+    ("chat-tools-unsupported", "POST", CH, {"json": {"messages": MSG, "tools": [{"type": "function"}]}}, 400, None),
+    ("chat-over-context", "POST", CH, {"json": {"messages": [{"role": "user", "content": LONG_PROMPT}]}}, 400,
+     "messages"),
+    ("missing-key", "POST", C, {"json": {"prompt": "hi"}, "headers": {"Authorization": ""}}, 401, None),
+    ("wrong-key", "POST", C, {"json": {"prompt": "hi"}, "headers": {"Authorization": "Bearer nope"}}, 401, None),
+    ("wrong-auth-scheme", "GET", "/v1/models", {"headers": {"Authorization": f"Basic {API_KEY}"}}, 401, None),
+    ("oversized-body", "POST", C, {"json": {"prompt": "x" * (MAX_BODY + 10)}}, 413, None),
+    ("oversized-chunked-body", "POST", C, {"content": _chunks(MAX_BODY + 10),
+                                           "headers": {"Content-Type": "application/json"}}, 413, None),
+    ("unknown-route", "GET", "/v1/nothing-here", {}, 404, None),
+    ("wrong-method", "GET", C, {}, 405, None),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request(http, tokenizer, case):
+    name, method, path, kwargs, status, param = case
+    kwargs = dict(kwargs)
+    if "content" in kwargs and callable(getattr(kwargs["content"], "__next__", None)):
+        kwargs["content"] = _chunks(MAX_BODY + 10)  # a fresh generator per run
+    r = http.request(method, path, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and err["type"]
+    if param is not None:  # the field, possibly with a position inside it ("prompt.1")
+        assert (err["param"] or "").split(".")[0] == param, err
+    if name == "prompt-over-context":
+        n = len(tokenizer(LONG_PROMPT).input_ids)
+        assert str(MAX_MODEL_LEN) in err["message"] and str(n) in err["message"], err
+    if name == "huge-max-tokens":
+        assert str(MAX_MODEL_LEN) in err["message"] and str(10**9) in err["message"], err
+    if status == 401:
+        assert r.headers.get("www-authenticate") == "Bearer"
+    good_request(http)
+
+
+def test_openai_client_raises_typed_errors(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=-1)
+    assert "max_tokens" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi")
+    from openai import OpenAI
+
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_health_version_metrics_need_no_key(server):
+    for path in ("/health", "/version", "/metrics"):
+        assert httpx.get(server.url + path, timeout=30).status_code == 200
+    v = httpx.get(server.url + "/version", timeout=30).json()
+    assert v["vllm"].startswith("0.32")
+
+
+# ---- engine-facing behaviour ----------------------------------------------------------------------------------------
+
+
+def test_metrics_kv_layout(http, model_path):
+    from lckv_vllm.plan import plan_from_config
+    from transformers import AutoConfig
+
+    plan = plan_from_config(AutoConfig.from_pretrained(str(model_path)))
+    m = metrics(http)
+    assert m["lckv_kv_layers"] == plan.num_layers == 6
+    assert m["lckv_kv_producing_layers"] == len(plan.producers) == 3
+    assert m["lckv_kv_bytes_per_token"] == plan.kv_bytes_per_token(2, 32, 4)  # 2 KV heads x 32 dims x fp32
+    assert m["lckv_kv_full_bytes_per_token"] == 2 * m["lckv_kv_bytes_per_token"]
+    # 64 MiB of KV at 1536 bytes/token, in whole 16-token blocks
+    cap = m["lckv_kv_capacity_tokens"]
+    assert cap % 16 == 0 and 0.9 * (64 << 20) / 1536 <= cap <= (64 << 20) / 1536
+    assert 0 <= m["lckv_kv_usage_ratio"] <= 1
+    assert m["lckv_engine_healthy"] == 1
+    assert any(k.startswith("lckv_request_ttft_seconds_count") for k in m)
+    assert any(k.startswith('lckv_requests_total{endpoint="/v1/completions",status="200"}') for k in m)
+
+
+def _wait_idle(http, timeout: float) -> tuple[float, dict]:
+    t0 = time.monotonic()
+    while True:
+        m = metrics(http)
+        if m["lckv_requests_running"] == 0 and m["lckv_requests_waiting"] == 0 and \
+                m["lckv_requests_unfinished"] == 0 and m["lckv_sequences_admitted"] == 0:
+            return time.monotonic() - t0, m
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"the engine still has requests after {timeout} s: {m}")
+        time.sleep(0.1)
+
+
+def test_disconnect_mid_stream_aborts_engine_request(http, server):
+    _wait_idle(http, 30)
+    before = metrics(http).get('lckv_requests_total{endpoint="/v1/completions",status="499"}', 0)
+    body = {"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 480, "ignore_eos": True,
+            "stream": True}
+    stamps = []
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    stamps.append(time.monotonic())
+                if len(stamps) == 12:
+                    break
+            during = metrics(http)
+    assert during["lckv_requests_running"] == 1 and during["lckv_kv_usage_ratio"] > 0, during
+    # the rest of the 480 tokens would take this long at the observed pace
+    remaining = (480 - 12) * (stamps[-1] - stamps[1]) / 10
+    took, after = _wait_idle(http, 30)
+    assert took < max(0.5, remaining / 3), (took, remaining)
+    assert after['lckv_requests_total{endpoint="/v1/completions",status="499"}'] == before + 1
+    good_request(http)
+
+
+def test_disconnect_while_waiting_for_plain_response_aborts(http, server):
+    body = {"model": MODEL, "prompt": "Another long one", "max_tokens": 480, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=httpx.Timeout(60, read=1.0))
+    _wait_idle(http, 10)
+    good_request(http)
+
+
+def test_32_concurrent_requests_all_succeed(server, tokenizer):
+    from openai import AsyncOpenAI
+
+    async def run():
+        client = AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=180)
+
+        async def one(i: int):
+            extra = {"ignore_eos": True}
+            if i % 4 == 0:
+                r = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"#{i}"}],
+                                                         max_tokens=16, extra_body=extra, temperature=0.8, seed=i)
+                return r.usage.completion_tokens, r.choices[0].message.content
+            if i % 4 == 1:
+                stream = await client.completions.create(model=MODEL, prompt=f"Request {i}:", max_tokens=16,
+                                                         stream=True, stream_options={"include_usage": True},
+                                                         extra_body=extra)
+                chunks = [c async for c in stream]
+                return chunks[-1].usage.completion_tokens, "".join(c.choices[0].text for c in chunks if c.choices)
+            r = await client.completions.create(model=MODEL, prompt=f"Request number {i} says", max_tokens=16,
+                                                temperature=0, extra_body=extra)
+            assert r.usage.prompt_tokens == len(tokenizer(f"Request number {i} says").input_ids)
+            return r.usage.completion_tokens, r.choices[0].text
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(32)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    assert len(results) == 32 and all(n == 16 for n, _ in results)
+
+
+def test_queue_limit_answers_503(http, server):
+    _wait_idle(http, 30)
+    limit = MAX_NUM_SEQS + MAX_QUEUED  # 36 sequences
+    body = {"model": MODEL, "prompt": "Fill the queue", "max_tokens": 480, "ignore_eos": True, "stream": True,
+            "n": limit // 2}
+    rejected_before = metrics(http)["lckv_requests_rejected_total"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as c1, \
+            httpx.Client(base_url=server.url, headers=headers, timeout=60) as c2:
+        with c1.stream("POST", C, json=body) as r1, c2.stream("POST", C, json=body) as r2:
+            assert r1.status_code == r2.status_code == 200
+            r = http.post(C, json={"model": MODEL, "prompt": "one more", "max_tokens": 2})
+            assert r.status_code == 503, r.text
+            assert r.headers.get("retry-after") and r.json()["error"]["code"] == "queue_full"
+            assert metrics(http)["lckv_requests_rejected_total"] == rejected_before + 1
+    _wait_idle(http, 30)
+    good_request(http)
+
+
+def test_sigterm_finishes_running_request_and_exits_0(server, http):
+    import psutil
+
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    assert children, "the engine core runs in a child process"
+    result = {}
+
+    def stream():
+        body = {"model": MODEL, "prompt": "Finish me", "max_tokens": 40, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+            with c.stream("POST", C, json=body) as r:
+                result["events"] = [line for line in r.iter_lines() if line]
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(0.3)
+    rc = server.stop(timeout=90)
+    t.join(30)
+    assert rc == 0, server.log_tail()
+    events = result.get("events", [])
+    assert events and events[-1] == "data: [DONE]", events[-3:]  # the in-flight request was allowed to finish
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"engine processes left behind: {alive}"
+
+
+# ---- engine failure (in-process, stand-in engine) --------------------------------------------------------------------
+
+
+class _StubEngine:
+    """Just enough of AsyncLLM for the server: fails requests whose prompt contains 'FAIL', dies on 'DIE'."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.dead = False
+        hf_config = SimpleNamespace(layer_types="0_4_4_4_4_5", num_hidden_layers=6)
+        import torch
+
+        self.model_config = SimpleNamespace(
+            max_model_len=MAX_MODEL_LEN, max_logprobs=20, hf_config=hf_config, dtype=torch.float32,
+            get_vocab_size=lambda: 32000, get_diff_sampling_param=lambda: {},
+            get_num_kv_heads=lambda parallel_config: 2, get_head_size=lambda: 32)
+        self.vllm_config = SimpleNamespace(
+            model_config=self.model_config, parallel_config=None,
+            scheduler_config=SimpleNamespace(max_num_seqs=4),
+            cache_config=SimpleNamespace(num_gpu_blocks=10, block_size=16, cache_dtype="auto"))
+
+    @property
+    def errored(self):
+        return self.dead
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def get_num_unfinished_requests(self):
+        return 0
+
+    async def abort(self, request_id):
+        pass
+
+    async def generate(self, prompt, params, request_id):
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        text = self.tokenizer.decode(prompt["prompt_token_ids"])
+        if "DIE" in text:
+            self.dead = True
+            raise EngineDeadError()
+        if "FAIL" in text:
+            try:
+                raise RuntimeError("simulated kernel failure")
+            except RuntimeError as e:
+                raise EngineGenerateError() from e
+        yield SimpleNamespace(prompt_logprobs=None, finished=True, outputs=[SimpleNamespace(
+            index=0, text=" fine", token_ids=[1234], logprobs=None, finish_reason="length", stop_reason=None)])
+
+
+def test_engine_failure_is_500_and_server_keeps_answering(tokenizer):
+    from lckv_vllm.server.app import create_app
+    from lckv_vllm.server.engine import EngineFrontend
+
+    async def run():
+        engine = _StubEngine(tokenizer)
+        fe = EngineFrontend(engine, served_model_names=[MODEL], model_path="stub")
+        app = create_app(fe)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            ok = {"model": MODEL, "prompt": "hello", "max_tokens": 1}
+            assert (await c.post(C, json=ok)).status_code == 200
+            r = await c.post(C, json={**ok, "prompt": "please FAIL"})
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+            assert "simulated kernel failure" in r.json()["error"]["message"]
+            # streamed: the failure arrives as an error event, then [DONE]
+            r = await c.post(C, json={**ok, "prompt": "please FAIL", "stream": True})
+            events = [e for e in r.text.split("\n\n") if e]
+            assert json.loads(events[0][6:])["error"]["code"] == "engine_error" and events[-1] == "data: [DONE]"
+            r = await c.post(CH, json={"messages": [{"role": "user", "content": "FAIL"}], "max_tokens": 1})
+            assert r.status_code == 500
+            assert (await c.post(C, json=ok)).status_code == 200  # still answering
+            assert fe.admitted == 0
+            r = await c.post(C, json={**ok, "prompt": "DIE"})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "engine_dead"
+            assert (await c.get("/health")).status_code == 503
+            m = parse_metrics((await c.get("/metrics")).text)
+            assert m["lckv_engine_healthy"] == 0 and m['lckv_requests_total{endpoint="/v1/completions",status="500"}'] == 2
+        fe.shutdown()
+
+    asyncio.run(run())
+
+
+# ---- `vllm serve` with the plugin ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_server(model_path, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    cmd = [str(BIN / "vllm"), "serve", str(model_path), "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+           "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "8"]
+    srv = start_server(cmd, log, server_env(), port)
+    yield srv
+    srv.stop()
+    srv.kill_group()
+
+
+def test_vllm_serve_completion(vllm_server, tokenizer):
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=vllm_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    prompt = "The capital of France is"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == len(tokenizer(prompt).input_ids) and r.usage.completion_tokens == 12
+    assert r.choices[0].text
+    if prompt in GREEDY:  # same checkpoint, same engine: both front ends must return the same greedy text
+        assert r.choices[0].text == GREEDY[prompt]
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=1)
