@@ -209,6 +209,7 @@ class _StepIndex:
         kpd = kp.to(bt.device)
         slot = bt[:, kpd // block_size] * block_size + (kpd % block_size)[None, :]  # [B, K]
         self.k_slot = torch.where(self.k_valid, slot.to(device), 0)
+        self.k_slot_flat = self.k_slot.reshape(-1)
         self.k_pos = kp.to(device)
         self.num_tokens = int(qsl[-1])
         self.masks: dict = {}
@@ -247,7 +248,8 @@ def torch_attend(q, kv_cache, md, *, scale, strict, window):
     idx = _step_index(md, block_size, q.device)
     assert idx.num_tokens == T, (idx.num_tokens, T)
     Hk = slots.shape[1]
-    kv = slots[idx.k_slot]  # [B, K, Hk, 2D]
+    # index_select on the 2-D [slots, Hk*2D] view copies whole rows: ~6x faster on CPU than advanced indexing
+    kv = slots.view(slots.shape[0], -1).index_select(0, idx.k_slot_flat).view(idx.B, idx.K, Hk, 2 * D)
     k = kv[..., :D].transpose(1, 2)  # [B, Hk, K, D]
     v = kv[..., D:].transpose(1, 2)
     vis, has_key = idx.mask(strict, window)
