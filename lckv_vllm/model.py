@@ -19,10 +19,12 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
@@ -36,6 +38,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.sequence import IntermediateTensors
+from vllm.utils.torch_utils import direct_register_custom_op
 
 from .attention.backend import LCKVAttentionBackend
 from .attention.impl import attend, resolve_impl, write_kv, zero_slots
@@ -47,6 +50,64 @@ logger = logging.getLogger("lckv_vllm")
 
 def _attn_name(prefix: str, layer: int) -> str:
     return f"{prefix}.layers.{layer}.self_attn.attn"
+
+
+def _step_metadata_for(ctx, layer_name: str):
+    md = ctx.attn_metadata
+    if isinstance(md, list):  # speculative decoding: [0] is the target model's
+        md = md[0]
+    if isinstance(md, dict):
+        md = md.get(layer_name)
+    return md
+
+
+def _lckv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
+    """One layer's attention step: write its K/V (if it computes KV), read the pages of the layer it attends to.
+
+    Registered as the custom op `vllm::lckv_attention` and listed among vLLM's splitting ops, so torch.compile
+    compiles everything between attention calls and runs this opaque, eagerly, with the step's metadata.
+    """
+    ctx = get_forward_context()
+    layer = ctx.no_compile_layers[layer_name]
+    spec = layer.lckv
+    md = _step_metadata_for(ctx, spec.read_name)
+    if md is None:  # profiling / dummy run: no pages bound yet
+        output.zero_()
+        return
+    t = md.num_actual_tokens
+    if spec.computes_kv:
+        write_kv(k[:t].view(t, spec.num_kv_heads, spec.head_dim), v[:t].view(t, spec.num_kv_heads, spec.head_dim),
+                 layer.kv_cache, md.slot_mapping, impl=spec.impl)
+    read_cache = ctx.no_compile_layers[spec.read_name].kv_cache
+    o = attend(q[:t].view(t, spec.num_heads, spec.head_dim), read_cache, md, scale=spec.scale, strict=spec.strict,
+               window=spec.window, impl=spec.impl)
+    output[:t] = o.reshape(t, -1)
+    if t < output.shape[0]:
+        output[t:] = 0
+
+
+def _lckv_attention_fake(q, k, v, output, layer_name: str) -> None:
+    return None
+
+
+direct_register_custom_op("lckv_attention", _lckv_attention, mutates_args=["output"],
+                          fake_impl=_lckv_attention_fake)
+LCKV_ATTENTION_OP = "vllm::lckv_attention"
+
+
+@dataclass(frozen=True)
+class _AttnSpec:
+    """What the attention op needs to know about a layer; attached to the layer's vLLM `Attention` object."""
+
+    computes_kv: bool
+    read_name: str
+    strict: bool
+    window: int | None
+    impl: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
 
 
 class LCKVAttention(nn.Module):
@@ -126,16 +187,13 @@ class LCKVAttention(nn.Module):
         self.attn_impl = resolve_impl(vllm_config.device_config.device, self.head_dim,
                                       self.num_heads // self.num_kv_heads)
         self.own_name = f"{prefix}.attn"
-        self.read_name = _attn_name(model_prefix, role.attends_to)
-        self.window = plan.window(layer_idx)
+        self.attn.lckv = _AttnSpec(
+            computes_kv=role.computes_kv, read_name=_attn_name(model_prefix, role.attends_to), strict=role.strict,
+            window=plan.window(layer_idx), impl=self.attn_impl, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, scale=self.scaling,
+        )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        ctx = get_forward_context()
-        md = ctx.attn_metadata
-        if isinstance(md, list):
-            md = md[0]
-        if isinstance(md, dict):
-            md = md.get(self.read_name)
         if self.role.computes_kv:
             qkv, _ = self.qkv_proj(hidden_states)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -143,23 +201,9 @@ class LCKVAttention(nn.Module):
         else:
             q, _ = self.q_proj(hidden_states)
             q, _ = self.rotary_emb(positions, q, None)
-        n = q.shape[0]
-        if md is None:  # profiling / dummy run: no pages bound yet
-            out = torch.zeros_like(q)
-        else:
-            t = md.num_actual_tokens
-            q3 = q[:t].view(t, self.num_heads, self.head_dim)
-            if self.role.computes_kv:
-                write_kv(k[:t].view(t, self.num_kv_heads, self.head_dim), v[:t].view(t, self.num_kv_heads,
-                         self.head_dim), self.attn.kv_cache, md.slot_mapping, impl=self.attn_impl)
-            read_cache = ctx.no_compile_layers[self.read_name].kv_cache
-            o = attend(q3, read_cache, md, scale=self.scaling, strict=self.role.strict, window=self.window,
-                       impl=self.attn_impl)
-            if t == n:
-                out = o.reshape(n, -1)
-            else:
-                out = torch.zeros_like(q)
-                out[:t] = o.reshape(t, -1)
+            k = v = q  # unused: this layer writes no K/V
+        out = torch.empty_like(q)
+        torch.ops.vllm.lckv_attention(q, k, v, out, self.own_name)
         output, _ = self.o_proj(out)
         return output
 
@@ -191,6 +235,27 @@ class LCKVDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+@support_torch_compile(dynamic_arg_dims={"positions": 0, "hidden_states": 0})
+class LCKVSegment(nn.Module):
+    """A run of layers that the prefill executes as a unit; the unit that vLLM's torch.compile compiles.
+
+    The pass loop of cyclic segments stays outside, in eager Python: its trip count depends on the step.  Each
+    segment folds the residual into its output so that every call has the same signature (vLLM traces once).
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers=()):
+        super().__init__()
+        # A plain list, not a ModuleList: the layers are registered under `model.layers.N` (the checkpoint's
+        # names) by LCKVModel, not a second time here.
+        self._layers = list(layers)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = None
+        for layer in self._layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        return hidden_states + residual
+
+
 class LCKVModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model"):
         super().__init__()
@@ -204,6 +269,12 @@ class LCKVModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self._bind_consumers(vllm_config, prefix)
+        segments = [
+            LCKVSegment(vllm_config=vllm_config, prefix=f"{prefix}.segments.{k}",
+                        layers=[self.layers[i] for i in seg.layers])
+            for k, seg in enumerate(self.plan.segments)
+        ]
+        object.__setattr__(self, "_segments", segments)  # not submodules: they own no weights
 
     def _bind_consumers(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Point each non-producing layer's `Attention` at its producer's pages (vLLM KV sharing).
@@ -224,40 +295,23 @@ class LCKVModel(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def _step_metadata(self):
-        md = get_forward_context().attn_metadata
-        if isinstance(md, list):
-            md = md[0]
-        if isinstance(md, dict):
-            md = md.get(_attn_name("model", self.plan.producers[0])) or next(iter(md.values()), None)
-        return md
-
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        residual = None
-        md = self._step_metadata()
-        for seg in self.plan.segments:
-            passes = 1
-            if seg.cyclic and md is not None:
-                passes = max(1, min(self.plan.num_passes, md.max_query_len))
-                for p in seg.layers:
-                    if self.plan.roles[p].computes_kv:
-                        attn = self.layers[p].self_attn
-                        zero_slots(attn.attn.kv_cache, md.slot_mapping, impl=attn.attn_impl)
-            if passes == 1:
-                for i in seg.layers:
-                    hidden, residual = self.layers[i](positions, hidden, residual)
+        md = _step_metadata_for(get_forward_context(), _attn_name("model", self.plan.producers[0]))
+        for seg, run in zip(self.plan.segments, self._segments):
+            if not seg.cyclic or md is None:
+                hidden = run(positions, hidden)
                 continue
-            # Every pass restarts from the segment's input.  The fused residual RMSNorm updates its inputs in
-            # place, so each pass gets its own copies.
-            seg_hidden, seg_residual = hidden, residual
+            passes = max(1, min(self.plan.num_passes, md.max_query_len))
+            for p in seg.layers:
+                if self.plan.roles[p].computes_kv:
+                    attn = self.layers[p].self_attn
+                    zero_slots(attn.attn.kv_cache, md.slot_mapping, impl=attn.attn_impl)
+            # Every pass restarts from the segment's input (the segment does not modify its input).
+            seg_in = hidden
             for _ in range(passes):
-                hidden = seg_hidden.clone()
-                residual = None if seg_residual is None else seg_residual.clone()
-                for i in seg.layers:
-                    hidden, residual = self.layers[i](positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+                hidden = run(positions, seg_in)
+        return self.norm(hidden)
 
 
 class LCKVLlamaForCausalLM(nn.Module):

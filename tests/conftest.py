@@ -44,8 +44,9 @@ def engine(model_dir):
         key = (str(model), tuple(sorted((env or {}).items())), tuple(sorted(kw.items())))
         if key not in cache:
             path = model if os.path.isdir(str(model)) else str(model_dir(model))
+            # enforce_eager: vLLM's torch.compile costs ~25-45 s per engine on this CPU; one test covers it
             args = dict(dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=MAX_MODEL_LEN, seed=0,
-                        block_size=BLOCK_SIZE, max_num_seqs=16)
+                        block_size=BLOCK_SIZE, max_num_seqs=16, enforce_eager=True)
             args.update(kw)
             saved = {k: os.environ.get(k) for k in (env or {})}
             os.environ.update(env or {})

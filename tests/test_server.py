@@ -53,7 +53,7 @@ def server(model_path, tmp_path_factory):
            "--max-model-len", str(MAX_MODEL_LEN), "--max-queued-requests", str(MAX_QUEUED),
            "--max-body-bytes", str(MAX_BODY),
            # vLLM engine arguments, passed through
-           "--dtype", "float32", "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-memory-bytes", str(64 << 20),
+           "--dtype", "float32", "--enforce-eager", "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-memory-bytes", str(64 << 20),
            "--block-size", "16"]
     # the key comes from the environment here (the --api-key flag is the other way)
     srv = start_server(cmd, log, server_env(LCKV_API_KEY=API_KEY), port)
@@ -548,7 +548,7 @@ def vllm_server(model_path, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     cmd = [str(BIN / "vllm"), "serve", str(model_path), "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", MODEL, "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
+           "--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
            "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "8"]
     srv = start_server(cmd, log, server_env(), port)
     yield srv
