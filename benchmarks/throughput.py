@@ -1,7 +1,7 @@
 """Offline throughput and KV capacity: the plugin against vLLM's own Llama on the same weights, in one run.
 
 Shapes (issue 2): fp32, batch 16 short prompts, 128 generated tokens (ignore_eos), 12 layers, hidden 256.
-Engines, all in this process, one after another, each measured `--repeats` times after a warm-up batch:
+Engines, all alive in this process, each warmed up, then measured in `--repeats` alternating rounds:
   llama          vLLM's LlamaForCausalLM (its default compilation settings) on the identity checkpoint exported
                  as plain Llama: the baseline
   lckv-identity  the plugin with identity layer_types (must reach >= 0.9x the baseline)
@@ -53,43 +53,53 @@ def machine() -> dict:
     }
 
 
-def run_engine(path: str, prompts, args, enforce_eager: bool | None = None) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def build_engine(path: str, args):
+    from vllm import LLM
 
     kw = dict(dtype="float32", kv_cache_memory_bytes=KV_BUDGET, max_model_len=1024, seed=0, block_size=BLOCK_SIZE,
               max_num_seqs=args.batch)
-    if enforce_eager is not None:
-        kw["enforce_eager"] = enforce_eager
     t0 = time.perf_counter()
     llm = LLM(path, **kw)
-    startup = time.perf_counter() - t0
+    return llm, time.perf_counter() - t0
+
+
+def measure(llm, batch, sp) -> tuple[float, list[int]]:
+    t = time.perf_counter()
+    outs = llm.generate(batch, sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    return sum(len(o.outputs[0].token_ids) for o in outs) / dt, list(outs[0].outputs[0].token_ids[:8])
+
+
+def run_all(paths: dict[str, str], prompts, args) -> dict:
+    """All engines live in this process; rounds alternate between them so slow drifts of the machine hit each
+    engine alike (measuring one engine after the other showed +-8 % swings between otherwise equal runs)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     sp = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     batch = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-    llm.generate(batch, sp, use_tqdm=False)  # warm-up
-    runs = []
+    engines, res = {}, {}
+    for name, path in paths.items():
+        llm, startup = build_engine(path, args)
+        measure(llm, batch, sp)  # warm-up
+        cc = llm.llm_engine.vllm_config.cache_config
+        engines[name] = llm
+        res[name] = {"output_tok_s": [], "startup_s": startup,
+                     "kv_capacity_tokens": cc.num_gpu_blocks * cc.block_size,
+                     "kv_bytes_per_token": KV_BUDGET / (cc.num_gpu_blocks * cc.block_size)}
     for _ in range(args.repeats):
-        t = time.perf_counter()
-        outs = llm.generate(batch, sp, use_tqdm=False)
-        dt = time.perf_counter() - t
-        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-        runs.append(n_out / dt)
-    cc = llm.llm_engine.vllm_config.cache_config
-    res = {
-        "output_tok_s": runs,
-        "output_tok_s_median": statistics.median(runs),
-        "startup_s": startup,
-        "kv_capacity_tokens": cc.num_gpu_blocks * cc.block_size,
-        "kv_bytes_per_token": KV_BUDGET / (cc.num_gpu_blocks * cc.block_size),
-        "first_output": list(outs[0].outputs[0].token_ids[:8]),
-    }
-    del llm
+        for name, llm in engines.items():
+            tps, first = measure(llm, batch, sp)
+            res[name]["output_tok_s"].append(tps)
+            res[name]["first_output"] = first
+    for r in res.values():
+        r["output_tok_s_median"] = statistics.median(r["output_tok_s"])
     return res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=128)
@@ -108,10 +118,7 @@ def main() -> int:
     rnd = random.Random(0)
     prompts = [[rnd.randrange(3, 32000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
 
-    results = {}
-    results["llama"] = run_engine(str(llama), prompts, args)
-    results["lckv-identity"] = run_engine(str(ident), prompts, args)
-    results["lckv-w2"] = run_engine(str(w2), prompts, args)
+    results = run_all({"llama": str(llama), "lckv-identity": str(ident), "lckv-w2": str(w2)}, prompts, args)
     base = results["llama"]["output_tok_s_median"]
     for name, r in results.items():
         r["ratio_vs_llama"] = r["output_tok_s_median"] / base

@@ -113,10 +113,22 @@ def slot_view(kv_cache: torch.Tensor) -> torch.Tensor:
     return phys.reshape(nb * bs, h, c)
 
 
+# Writes per page tensor (keyed by data pointer).  The torch path reuses a gathered copy of a producer's pages for
+# consecutive layers that read the same producer (LCKV's consumers all read one layer) as long as nothing was
+# written to those pages in between; every write or zero-fill bumps this counter and so invalidates the copy.
+_WRITES: dict[int, int] = {}
+
+
+def _bump(slots: torch.Tensor) -> None:
+    ptr = slots.data_ptr()
+    _WRITES[ptr] = _WRITES.get(ptr, 0) + 1
+
+
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
              impl: str | None = None) -> None:
     """Store `key`/`value` `[num_tokens, num_kv_heads, head_size]` at `slot_mapping` (−1 = padding, skipped)."""
     slots = slot_view(kv_cache)
+    _bump(slots)
     if (impl or selected_impl(key.device)) == "triton":
         _kernels()[0].write_kv(key, value, slots, slot_mapping)
         return
@@ -131,6 +143,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
 def zero_slots(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *, impl: str | None = None) -> None:
     """Zero the K/V of this step's tokens: the starting point of an iterative prefill (DESIGN.md §1)."""
     slots = slot_view(kv_cache)
+    _bump(slots)
     if (impl or selected_impl(slots.device)) == "triton":
         _kernels()[0].zero_slots(slots, slot_mapping)
         return
@@ -248,8 +261,14 @@ def torch_attend(q, kv_cache, md, *, scale, strict, window):
     idx = _step_index(md, block_size, q.device)
     assert idx.num_tokens == T, (idx.num_tokens, T)
     Hk = slots.shape[1]
-    # index_select on the 2-D [slots, Hk*2D] view copies whole rows: ~6x faster on CPU than advanced indexing
-    kv = slots.view(slots.shape[0], -1).index_select(0, idx.k_slot_flat).view(idx.B, idx.K, Hk, 2 * D)
+    key = (slots.data_ptr(), _WRITES.get(slots.data_ptr(), 0))
+    last = md.cache.get("gathered")
+    if last is not None and last[0] == key:
+        kv = last[1]  # same producer, unchanged since the previous layer gathered it
+    else:
+        # index_select on the 2-D [slots, Hk*2D] view copies whole rows: ~6x faster on CPU than advanced indexing
+        kv = slots.view(slots.shape[0], -1).index_select(0, idx.k_slot_flat).view(idx.B, idx.K, Hk, 2 * D)
+        md.cache["gathered"] = (key, kv)  # one entry: the copy lives only while consecutive layers share it
     k = kv[..., :D].transpose(1, 2)  # [B, Hk, K, D]
     v = kv[..., D:].transpose(1, 2)
     vis, has_key = idx.mask(strict, window)
