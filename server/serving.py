@@ -390,16 +390,15 @@ async def create_completion(fe: EngineFrontend, metrics: ServerMetrics, req: Com
 
     async def events() -> AsyncIterator[str]:
         offsets = [0] * len(run.choices)
-        chunks: list[str] = []
 
-        def emit(job_index, idx, c, st):
+        def emit(idx, c, st) -> str:
             lp = None
             if req.logprobs is not None:
                 lp = _completion_logprobs(fe, list(c.token_ids), c.logprobs, offsets[idx])
                 offsets[idx] += sum(len(t) for t in lp.tokens)
-            chunks.append(_sse(CompletionChunk(id=base_id, created=created, model=model, choices=[
+            return _sse(CompletionChunk(id=base_id, created=created, model=model, choices=[
                 CompletionChoice(index=idx, text=c.text, logprobs=lp, finish_reason=st.finish_reason,
-                                 stop_reason=st.stop_reason)])))
+                                 stop_reason=st.stop_reason)]))
 
         if req.echo:  # the prompt first, as its own chunk per choice
             for idx in range(len(run.choices)):
@@ -407,28 +406,38 @@ async def create_completion(fe: EngineFrontend, metrics: ServerMetrics, req: Com
                 offsets[idx] = len(text)
                 yield _sse(CompletionChunk(id=base_id, created=created, model=model,
                                            choices=[CompletionChoice(index=idx, text=text)]))
-        stream = fe.stream_outputs(jobs, params)
-        try:
-            async for job_index, out in stream:
-                try:
-                    for item in run.absorb(job_index, out):
-                        emit(job_index, *item)
-                except APIError as e:
-                    yield sse_error(e)
-                    break
-                while chunks:
-                    yield chunks.pop(0)
-            else:
-                if req.include_usage:
-                    yield _sse(CompletionChunk(id=base_id, created=created, model=model, choices=[],
-                                               usage=run.usage()))
-        except Exception as e:
-            yield sse_error(from_engine_exception(e))
-        finally:
-            await stream.aclose()
-        yield "data: [DONE]\n\n"
+        usage = (lambda: _sse(CompletionChunk(id=base_id, created=created, model=model, choices=[],
+                                              usage=run.usage()))) if req.include_usage else None
+        async for event in _stream_events(run, fe.stream_outputs(jobs, params), emit, usage):
+            yield event
 
     return SSEResponse(events(), on_close=lambda: fe.release(sequences))
+
+
+async def _stream_events(run, stream, render, usage) -> AsyncIterator[str]:
+    """The engine-output loop shared by both streaming endpoints.
+
+    Each engine output becomes SSE chunks via `render(idx, output, state)`; a request-level error (e.g. a stop
+    condition the engine rejects) or an engine failure becomes one error event; the stream ends with the usage
+    chunk (when asked and nothing failed) and `[DONE]`.  The engine stream is always closed, which aborts it.
+    """
+    try:
+        async for job_index, out in stream:
+            try:
+                chunks = [render(*item) for item in run.absorb(job_index, out)]
+            except APIError as e:
+                yield sse_error(e)
+                break
+            for chunk in chunks:
+                yield chunk
+        else:
+            if usage is not None:
+                yield usage()
+    except Exception as e:
+        yield sse_error(from_engine_exception(e))
+    finally:
+        await stream.aclose()
+    yield "data: [DONE]\n\n"
 
 
 # ---- /v1/chat/completions -------------------------------------------------------------------------------------------
@@ -480,37 +489,19 @@ async def create_chat_completion(fe: EngineFrontend, metrics: ServerMetrics, req
         return JSONResponse(body.model_dump())
 
     async def events() -> AsyncIterator[str]:
-        chunks: list[str] = []
-
-        def emit(job_index, idx, c, st):
+        def emit(idx, c, st) -> str:
             lp = _chat_logprobs(fe, list(c.token_ids), c.logprobs, top_n) if req.logprobs else None
-            chunks.append(_sse(ChatCompletionChunk(id=base_id, created=created, model=model, choices=[
+            return _sse(ChatCompletionChunk(id=base_id, created=created, model=model, choices=[
                 ChatStreamChoice(index=idx, delta=ChatDelta(content=c.text), logprobs=lp,
-                                 finish_reason=st.finish_reason)])))
+                                 finish_reason=st.finish_reason)]))
 
         for idx in range(req.n):  # OpenAI opens every choice with the role
             yield _sse(ChatCompletionChunk(id=base_id, created=created, model=model, choices=[
                 ChatStreamChoice(index=idx, delta=ChatDelta(role="assistant", content=""))]))
-        stream = fe.stream_outputs(jobs, params)
-        try:
-            async for job_index, out in stream:
-                try:
-                    for item in run.absorb(job_index, out):
-                        emit(job_index, *item)
-                except APIError as e:
-                    yield sse_error(e)
-                    break
-                while chunks:
-                    yield chunks.pop(0)
-            else:
-                if req.include_usage:
-                    yield _sse(ChatCompletionChunk(id=base_id, created=created, model=model, choices=[],
-                                                   usage=run.usage()))
-        except Exception as e:
-            yield sse_error(from_engine_exception(e))
-        finally:
-            await stream.aclose()
-        yield "data: [DONE]\n\n"
+        usage = (lambda: _sse(ChatCompletionChunk(id=base_id, created=created, model=model, choices=[],
+                                                  usage=run.usage()))) if req.include_usage else None
+        async for event in _stream_events(run, fe.stream_outputs(jobs, params), emit, usage):
+            yield event
 
     return SSEResponse(events(), on_close=lambda: fe.release(req.n))
 
