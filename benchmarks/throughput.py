@@ -4,8 +4,11 @@ Shapes (issue 2): fp32, batch 16 short prompts, 128 generated tokens (ignore_eos
 Engines, all alive in this process, each warmed up, then measured in `--repeats` alternating rounds:
   llama          vLLM's LlamaForCausalLM (its default compilation settings) on the identity checkpoint exported
                  as plain Llama: the baseline
-  lckv-identity  the plugin with identity layer_types (must reach >= 0.9x the baseline)
+  lckv-identity  the plugin with identity layer_types (must reach >= 0.9x the baseline); default attention path
+                 on CPU: vLLM's C++ kernels made strict (LCKV_ATTENTION_IMPL=cpu)
   lckv-w2        the plugin with an LCKV w2 plan (3 of 12 layers keep KV), same shape, its own random weights
+  lckv-identity-torch / lckv-w2-torch
+                 the same two with the portable torch attention path (LCKV_ATTENTION_IMPL=torch), for comparison
 Reported: output token throughput (tokens/s), ratios against the baseline, KV capacity in tokens at the same KV
 budget, KV bytes per token.  Writes benchmarks/results/throughput.json and throughput.png.
 
@@ -53,14 +56,31 @@ def machine() -> dict:
     }
 
 
-def build_engine(path: str, args):
+def build_engine(path: str, args, env: dict | None = None):
+    """An in-process engine; `env` is set while it is built (the plugin resolves its attention path then)."""
     from vllm import LLM
 
     kw = dict(dtype="float32", kv_cache_memory_bytes=KV_BUDGET, max_model_len=1024, seed=0, block_size=BLOCK_SIZE,
               max_num_seqs=args.batch)
-    t0 = time.perf_counter()
-    llm = LLM(path, **kw)
-    return llm, time.perf_counter() - t0
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        t0 = time.perf_counter()
+        llm = LLM(path, **kw)
+        return llm, time.perf_counter() - t0
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def attention_path(llm) -> str:
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    impls = {layer.self_attn.attn_impl for layer in model.model.layers
+             if hasattr(layer.self_attn, "attn_impl")}
+    return ",".join(sorted(impls)) or "vLLM CPU_ATTN"
 
 
 def measure(llm, batch, sp) -> tuple[float, list[int]]:
@@ -70,7 +90,7 @@ def measure(llm, batch, sp) -> tuple[float, list[int]]:
     return sum(len(o.outputs[0].token_ids) for o in outs) / dt, list(outs[0].outputs[0].token_ids[:8])
 
 
-def run_all(paths: dict[str, str], prompts, args) -> dict:
+def run_all(paths: dict[str, tuple[str, dict]], prompts, args) -> dict:
     """All engines live in this process; rounds alternate between them so slow drifts of the machine hit each
     engine alike (measuring one engine after the other showed +-8 % swings between otherwise equal runs)."""
     from vllm import SamplingParams
@@ -79,12 +99,12 @@ def run_all(paths: dict[str, str], prompts, args) -> dict:
     sp = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     batch = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     engines, res = {}, {}
-    for name, path in paths.items():
-        llm, startup = build_engine(path, args)
+    for name, (path, env) in paths.items():
+        llm, startup = build_engine(path, args, env)
         measure(llm, batch, sp)  # warm-up
         cc = llm.llm_engine.vllm_config.cache_config
         engines[name] = llm
-        res[name] = {"output_tok_s": [], "startup_s": startup,
+        res[name] = {"output_tok_s": [], "startup_s": startup, "attention": attention_path(llm), "env": env,
                      "kv_capacity_tokens": cc.num_gpu_blocks * cc.block_size,
                      "kv_bytes_per_token": KV_BUDGET / (cc.num_gpu_blocks * cc.block_size)}
     for _ in range(args.repeats):
@@ -118,7 +138,10 @@ def main() -> int:
     rnd = random.Random(0)
     prompts = [[rnd.randrange(3, 32000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
 
-    results = run_all({"llama": str(llama), "lckv-identity": str(ident), "lckv-w2": str(w2)}, prompts, args)
+    torch_path = {"LCKV_ATTENTION_IMPL": "torch"}
+    engines = {"llama": (str(llama), {}), "lckv-identity": (str(ident), {}), "lckv-w2": (str(w2), {}),
+               "lckv-identity-torch": (str(ident), torch_path), "lckv-w2-torch": (str(w2), torch_path)}
+    results = run_all(engines, prompts, args)
     base = results["llama"]["output_tok_s_median"]
     for name, r in results.items():
         r["ratio_vs_llama"] = r["output_tok_s_median"] / base
@@ -140,7 +163,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
     for name, r in results.items():
-        print(f"{name:14s} {r['output_tok_s_median']:8.1f} tok/s  x{r['ratio_vs_llama']:.3f} vs llama   "
+        print(f"{name:20s} {r['output_tok_s_median']:8.1f} tok/s  x{r['ratio_vs_llama']:.3f} vs llama   "
               f"KV capacity {r['kv_capacity_tokens']:>8d} tokens (x{r['kv_capacity_ratio_vs_llama']:.2f})")
     try:
         import matplotlib
@@ -148,14 +171,20 @@ def main() -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
         names = list(results)
-        a1.bar(names, [results[n]["output_tok_s_median"] for n in names], color=["grey", "tab:blue", "tab:green"])
+        colors = ["grey", "tab:blue", "tab:green", "lightsteelblue", "lightgreen"]
+        a1.bar(names, [results[n]["output_tok_s_median"] for n in names], color=colors)
+        for i, n in enumerate(names):
+            a1.text(i, results[n]["output_tok_s_median"], f"x{results[n]['ratio_vs_llama']:.2f}", ha="center",
+                    va="bottom", fontsize=8)
         a1.set_ylabel("output tokens/s (median)")
         a1.set_title(f"batch {args.batch}, {args.output_len} new tokens, fp32, CPU")
-        a2.bar(names, [results[n]["kv_capacity_tokens"] for n in names], color=["grey", "tab:blue", "tab:green"])
+        a2.bar(names, [results[n]["kv_capacity_tokens"] for n in names], color=colors)
         a2.set_ylabel(f"KV capacity (tokens) at {KV_BUDGET >> 20} MiB")
         a2.set_title("KV capacity at one budget")
+        for a in (a1, a2):
+            a.tick_params(axis="x", labelsize=7, rotation=15)
         fig.tight_layout()
         fig.savefig(out / "throughput.png", dpi=100)
     except ImportError:

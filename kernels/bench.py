@@ -98,13 +98,70 @@ def case_bytes(ctx_q, strict: bool, num_heads: int, num_kv_heads: int, head_size
     return kv + 2 * tokens * num_heads * head_size * elem
 
 
-def _vllm_attention():
-    """vLLM's unified Triton attention, or None with the reason (benchmark runs on without it)."""
+def _vllm_attention(source: str | None = None):
+    """vLLM's unified Triton attention, or None with the reason (benchmark runs on without it).
+
+    `source`: a folder holding vLLM 0.32's `triton_unified_attention.py` and `triton_attention_helpers.py`, for a
+    GPU machine where vLLM itself cannot be installed (no network, and its CUDA wheel is far larger than what can be
+    carried).  Those two files need only torch and Triton plus five small vLLM names, which `_stub_vllm` provides;
+    the kernels themselves are vLLM's, unmodified, so the baseline is the real thing.
+    """
     try:
+        if source:
+            return _load_vllm_attention(source), None
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
     except Exception as e:  # noqa: BLE001 - any import failure just means "no baseline"
         return None, f"{type(e).__name__}: {e}"
     return unified_attention, None
+
+
+def _load_vllm_attention(source: str):
+    import enum
+    import importlib.util
+    import logging
+    import os
+    import types
+
+    import triton
+    import triton.language as tl
+
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__dict__.update(attrs)
+        sys.modules[name] = m
+        return m
+
+    class KVQuantMode(enum.IntEnum):  # the members the kernel file names, with vLLM 0.32's values
+        NONE = 0
+        FP8_PER_TENSOR = 1
+        INT8_PER_TOKEN_HEAD = 2
+        FP8_PER_TOKEN_HEAD = 3
+        INT4_PER_TOKEN_HEAD = 4
+
+    class Platform:
+        @staticmethod
+        def fp8_dtype():
+            return torch.float8_e4m3fn
+
+        @staticmethod
+        def is_device_capability_family(major: int) -> bool:
+            return torch.cuda.get_device_capability()[0] == major // 10
+
+    for name in ("vllm", "vllm.v1", "vllm.v1.attention", "vllm.v1.attention.ops"):
+        module(name, __path__=[])
+    module("vllm.envs", VLLM_BATCH_INVARIANT=False)
+    module("vllm.logger", init_logger=logging.getLogger)
+    module("vllm.platforms", current_platform=Platform())
+    module("vllm.triton_utils", tl=tl, triton=triton)
+    module("vllm.v1.kv_cache_interface", KVQuantMode=KVQuantMode)
+    loaded = None
+    for stem in ("triton_attention_helpers", "triton_unified_attention"):
+        name = f"vllm.v1.attention.ops.{stem}"
+        spec = importlib.util.spec_from_file_location(name, os.path.join(source, f"{stem}.py"))
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[name] = loaded
+        spec.loader.exec_module(loaded)
+    return loaded.unified_attention
 
 
 def run_case(kind, ctx_q, mode, args, device, copy_gbps, vllm_fn):
@@ -207,6 +264,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="strict,causal")
     ap.add_argument("--quick", action="store_true", help="a handful of cases")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM baseline")
+    ap.add_argument("--vllm-source", default=None,
+                    help="folder with vLLM's triton_unified_attention.py + triton_attention_helpers.py, where vLLM "
+                         "is not installed (see _vllm_attention)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels/bench.py needs a CUDA GPU (the Triton interpreter is for correctness tests only)",
@@ -215,7 +275,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     import triton
 
-    vllm_fn, vllm_why = (None, "disabled (--no-vllm)") if args.no_vllm else _vllm_attention()
+    vllm_fn, vllm_why = (None, "disabled (--no-vllm)") if args.no_vllm else _vllm_attention(args.vllm_source)
     copy_gbps = copy_bandwidth(device)
     print(f"{torch.cuda.get_device_name(device)}: device-to-device copy {copy_gbps:.0f} GB/s; "
           f"vLLM baseline: {'yes' if vllm_fn else vllm_why}")
@@ -238,8 +298,8 @@ def main(argv=None) -> int:
         import vllm
 
         vllm_version = vllm.__version__
-    except Exception:  # noqa: BLE001
-        vllm_version = None
+    except Exception:  # noqa: BLE001 - stubbed (--vllm-source) or absent
+        vllm_version = f"kernel files from {args.vllm_source}" if args.vllm_source else None
     report = dict(
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         device=torch.cuda.get_device_name(device),

@@ -13,6 +13,7 @@ import logging
 
 SUPPORTED_VLLM = "0.32"
 BACKEND_NAME = "LCKV_ATTN"
+CPU_BACKEND_NAME = "LCKV_CPU_ATTN"  # same backend, pages in the format of vLLM's CPU kernels
 __version__ = "0.1.0"
 
 logger = logging.getLogger("lckv_vllm")
@@ -52,6 +53,7 @@ def register() -> None:
     from vllm.v1.attention.backends.registry import register_backend
 
     register_backend(BACKEND_NAME, "lckv_vllm.attention.backend.LCKVAttentionBackend")
+    register_backend(CPU_BACKEND_NAME, "lckv_vllm.attention.backend.LCKVCpuAttentionBackend")
 
     from .vllm_patches import install_config_hook
 

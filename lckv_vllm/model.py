@@ -40,7 +40,7 @@ from vllm.model_executor.models.llama import LlamaMLP
 from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from .attention.backend import LCKVAttentionBackend
+from .attention.backend import backend_class
 from .attention.impl import attend, resolve_impl, write_kv, zero_slots
 from .plan import plan_from_config
 from .plan import LayerPlan
@@ -79,9 +79,8 @@ def _lckv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: t
         write_kv(k[:t].view(t, spec.num_kv_heads, spec.head_dim), v[:t].view(t, spec.num_kv_heads, spec.head_dim),
                  layer.kv_cache, md.slot_mapping, impl=spec.impl)
     read_cache = ctx.no_compile_layers[spec.read_name].kv_cache
-    o = attend(q[:t].view(t, spec.num_heads, spec.head_dim), read_cache, md, scale=spec.scale, strict=spec.strict,
-               window=spec.window, impl=spec.impl)
-    output[:t] = o.reshape(t, -1)
+    attend(q[:t].view(t, spec.num_heads, spec.head_dim), read_cache, md, scale=spec.scale, strict=spec.strict,
+           window=spec.window, impl=spec.impl, out=output[:t].view(t, spec.num_heads, spec.head_dim))
     if t < output.shape[0]:
         output[t:] = 0
 
@@ -169,6 +168,11 @@ class LCKVAttention(nn.Module):
         # pages are allocated as full attention; the window is applied when reading (`lckv_window`).
         cache_config = copy.copy(vllm_config.cache_config)
         cache_config.sliding_window = None
+        # Which kernels do the math (see attention/impl.py), decided once for the layer's life: a step never reads
+        # the environment.  Every layer gets the same answer (it depends on model-wide shapes only), as it must: the
+        # page format, and so the backend class, follows it.
+        self.attn_impl = resolve_impl(vllm_config.device_config.device, self.head_dim,
+                                      self.num_heads // self.num_kv_heads, vllm_config.model_config.dtype)
         # Built without a sharing target: a consumer's producer may be a later layer, which vLLM's constructor-time
         # check rejects.  The model binds consumers to their producers once every layer exists.
         self.attn = Attention(
@@ -179,13 +183,10 @@ class LCKVAttention(nn.Module):
             cache_config=cache_config,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
-            attn_backend=LCKVAttentionBackend,
+            attn_backend=backend_class(self.attn_impl),
             lckv_strict=role.strict,
             lckv_window=plan.window(layer_idx),
         )
-        # torch or Triton, decided once for the layer's life (see attention/impl.py): a step never reads the env.
-        self.attn_impl = resolve_impl(vllm_config.device_config.device, self.head_dim,
-                                      self.num_heads // self.num_kv_heads)
         self.own_name = f"{prefix}.attn"
         self.attn.lckv = _AttnSpec(
             computes_kv=role.computes_kv, read_name=_attn_name(model_prefix, role.attends_to), strict=role.strict,

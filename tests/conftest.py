@@ -63,6 +63,11 @@ def engine(model_dir):
     return get
 
 
+def model_of(llm):
+    """The model object inside an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+
 def random_prompt(n: int, seed: int) -> list[int]:
     rnd = random.Random(seed)
     return [rnd.randrange(3, 32000) for _ in range(n)]

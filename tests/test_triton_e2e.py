@@ -11,12 +11,8 @@ from types import SimpleNamespace
 
 import torch
 
-from conftest import generate, random_prompt
+from conftest import generate, model_of, random_prompt
 from lckv_vllm.attention import impl
-
-
-def _model(llm):
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
 
 
 def test_impl_switch_glue_matches_torch():
@@ -55,8 +51,8 @@ def test_triton_greedy_generation_equals_torch(engine):
     torch_llm = engine("tiny-w2", env={impl.IMPL_ENV: "torch"})
     triton_llm = engine("tiny-w2", env={impl.IMPL_ENV: "triton"})
     # The choice was captured when each engine was built; the environment is restored by now.
-    assert {a.self_attn.attn_impl for a in _model(torch_llm).model.layers} == {"torch"}
-    assert {a.self_attn.attn_impl for a in _model(triton_llm).model.layers} == {"triton"}
+    assert {a.self_attn.attn_impl for a in model_of(torch_llm).model.layers} == {"torch"}
+    assert {a.self_attn.attn_impl for a in model_of(triton_llm).model.layers} == {"triton"}
     ref = generate(torch_llm, prompts, max_tokens=8)
     got = generate(triton_llm, prompts, max_tokens=8)
     for (toks, lps, _), (rtoks, rlps, _) in zip(got, ref):

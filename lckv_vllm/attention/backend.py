@@ -1,10 +1,14 @@
 """The plugin's vLLM attention backend: metadata builder, page layout and the per-layer entry points.
 
-Why a backend of our own: vLLM's kernels cannot express "a query must not see its own, not-yet-computed KV" (strict
-causal attention into another layer's pages), and the CPU platform otherwise always picks CPU_ATTN, whose page
-layout (K transposed) is private.  Our layout is plain: a producer's cache is viewed as slots
-`[num_blocks * block_size, num_kv_heads, 2 * head_size]` with K in the first half of the last axis and V in the
-second (vLLM's LBNHC physical layout: token-major pages).
+Why a backend of our own: vLLM's backends cannot express "a query must not see its own, not-yet-computed KV"
+(strict causal attention into another layer's pages).  Two page formats, one backend class each, chosen by the
+model from the resolved implementation (`backend_class`):
+* `LCKVAttentionBackend` (torch and Triton paths): plain slots `[num_blocks * block_size, num_kv_heads,
+  2 * head_size]`, K in the first half of the last axis and V in the second (vLLM's LBNHC physical layout:
+  token-major pages);
+* `LCKVCpuAttentionBackend` (the `cpu` path, vLLM's own C++ kernels made strict, see `cpu.py`): the format those
+  kernels own (head-major blocks, LBHNC, K transposed inside a block).  vLLM resolves one layout per engine from the
+  backends' declarations, which is why the format is a property of the class, not of a call.
 
 The model does not go through `Attention.forward` (which reads and writes one layer's cache): a layer writes its
 own pages when it computes KV and reads the pages of the layer it attends to, which may be a different producer.
@@ -30,7 +34,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from .. import BACKEND_NAME
+from .. import BACKEND_NAME, CPU_BACKEND_NAME
 
 
 class LCKVAttentionBackend(AttentionBackend):
@@ -72,6 +76,28 @@ class LCKVAttentionBackend(AttentionBackend):
     @staticmethod
     def get_builder_cls() -> type["LCKVMetadataBuilder"]:
         return LCKVMetadataBuilder
+
+
+class LCKVCpuAttentionBackend(LCKVAttentionBackend):
+    """Same backend, pages in the format of vLLM's CPU attention kernels (the `cpu` implementation)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return CPU_BACKEND_NAME
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # vLLM's CPU kernels read head-major blocks: [num_blocks, num_kv_heads, block_size, 2 * head_size].
+        return (KVCacheLayout.LBHNC,)
+
+    @staticmethod
+    def get_impl_cls() -> type["LCKVCpuAttentionImpl"]:
+        return LCKVCpuAttentionImpl
+
+
+def backend_class(impl: str) -> type[LCKVAttentionBackend]:
+    """The backend (hence the page format) an implementation needs."""
+    return LCKVCpuAttentionBackend if impl == "cpu" else LCKVAttentionBackend
 
 
 @dataclass
@@ -163,8 +189,8 @@ class LCKVAttentionImpl(AttentionImpl[LCKVMetadata]):
 
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
-        out = attend(q, kv_cache, attn_metadata, scale=self.scale, strict=self.strict, window=self.window)
-        output[:n].view(n, -1).copy_(out.reshape(n, -1))
+        attend(q, kv_cache, attn_metadata, scale=self.scale, strict=self.strict, window=self.window,
+               impl=self._impl(q.device), out=output[:n].view(n, self.num_heads, self.head_size))
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
@@ -172,4 +198,15 @@ class LCKVAttentionImpl(AttentionImpl[LCKVMetadata]):
 
         n = slot_mapping.shape[0]
         write_kv(key[:n].view(n, self.num_kv_heads, self.head_size), value[:n].view(n, self.num_kv_heads,
-                 self.head_size), kv_cache, slot_mapping)
+                 self.head_size), kv_cache, slot_mapping, impl=self._impl(key.device))
+
+    def _impl(self, device) -> str:
+        from .impl import selected_impl
+
+        impl = selected_impl(device)
+        return "torch" if impl == "cpu" else impl  # this class's pages are plain slots: torch or Triton
+
+
+class LCKVCpuAttentionImpl(LCKVAttentionImpl):
+    def _impl(self, device) -> str:
+        return "cpu"

@@ -1,15 +1,18 @@
 """Paged attention for the LCKV backend: KV writes, zero-fill of producer slots, and attention reads.
 
-One switch picks who does the math: `LCKV_ATTENTION_IMPL` = `auto` (Triton on CUDA, torch elsewhere) | `triton` |
-`torch`.  The model resolves it once per layer, when the layer is built (`resolve_impl`), and passes the answer to
-every call (`impl=`): an engine keeps the implementation it was built with, whatever the environment says later
-(two engines in one process may differ), and no attention call reads the environment.  Callers that pass no `impl`
-(vLLM's own `Attention.forward` path) get the environment's choice at call time.
+One switch picks who does the math: `LCKV_ATTENTION_IMPL` =
+* `auto` (default): Triton on CUDA; on CPU vLLM's own C++ kernels (`cpu.py`), or torch for shapes they lack;
+* `cpu`: vLLM's CPU kernels, made strict (`cpu.py`); their pages are in the kernels' private format;
+* `triton`: the kernels in `lckv_vllm.kernels` (the repository's `kernels/`), on CUDA or under the interpreter;
+* `torch`: the portable path below (gather + SDPA), the one every device runs.
+The model resolves it when it builds its layers (`resolve_impl`; every layer of a model gets the same answer, since
+the page format follows it) and passes the answer to every call (`impl=`): an engine keeps the implementation it was
+built with, whatever the environment says later (two engines in one process may differ), and no attention call reads
+the environment.
 
-The Triton kernels live in `lckv_vllm.kernels` (the repository's `kernels/`) and are imported on first use.  The
-torch path below is the CPU workhorse.  It is not the naive "gather each sequence's pages per layer" loop:
-everything that depends only on the batch (padded query/key index tensors, masks) is built once per step and cached
-on the step's metadata, so each layer costs one gather, one SDPA call and one scatter.
+The torch path is not the naive "gather each sequence's pages per layer" loop: everything that depends only on the
+batch (padded query/key index tensors, masks) is built once per step and cached on the step's metadata, so each layer
+costs one gather, one SDPA call and one scatter.
 """
 
 from __future__ import annotations
@@ -25,39 +28,55 @@ IMPL_ENV = "LCKV_ATTENTION_IMPL"
 logger = logging.getLogger("lckv_vllm")
 
 
+IMPLS = ("auto", "cpu", "torch", "triton")
+
+
 def selected_impl(device: torch.device | None = None, choice: str | None = None) -> str:
-    """"torch" or "triton": `choice` (default: the environment's `LCKV_ATTENTION_IMPL`), with auto resolved by device."""
+    """"cpu", "torch" or "triton": `choice` (default: the environment's `LCKV_ATTENTION_IMPL`), auto resolved by
+    device alone (no shape checks: see `resolve_impl`)."""
     if choice is None:
         choice = os.environ.get(IMPL_ENV, "auto")
     choice = choice.strip().lower() or "auto"
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"{IMPL_ENV}={choice!r}: expected one of auto, torch, triton")
+    if choice not in IMPLS:
+        raise ValueError(f"{IMPL_ENV}={choice!r}: expected one of {', '.join(IMPLS)}")
     if choice == "auto":
-        return "triton" if (device is not None and torch.device(device).type == "cuda") else "torch"
+        return "triton" if (device is not None and torch.device(device).type == "cuda") else "cpu"
     return choice
 
 
-def resolve_impl(device: torch.device | str | None, head_size: int, num_queries_per_kv: int) -> str:
-    """The implementation a layer uses for its whole life, decided at construction.
+def resolve_impl(device: torch.device | str | None, head_size: int, num_queries_per_kv: int,
+                 dtype: torch.dtype | None = None) -> str:
+    """The implementation a model's layers use for their whole life, decided at construction.
 
-    `auto` falls back to torch for shapes the Triton kernels do not cover (with a log line); an explicit `triton`
-    for such a shape is an error, raised here rather than at the first request.  Choosing Triton imports the
+    `auto` falls back to torch for shapes the chosen kernels do not cover (with a log line); an explicit `triton` or
+    `cpu` for such a shape is an error, raised here rather than at the first request.  Choosing Triton imports the
     kernels now, so a broken Triton install also fails at start-up.
     """
     choice = os.environ.get(IMPL_ENV, "auto")
-    if selected_impl(device, choice) != "triton":
+    explicit = choice.strip().lower()
+    impl = selected_impl(device, choice)
+    if impl == "torch":
         return "torch"
-    kernels = _kernels()[1]
     problem = None
-    if head_size not in kernels.SUPPORTED_HEAD_SIZES:
-        problem = f"head size {head_size} (supported: {kernels.SUPPORTED_HEAD_SIZES})"
-    elif num_queries_per_kv > kernels.MAX_QUERIES_PER_KV:
-        problem = f"{num_queries_per_kv} query heads per KV head (supported: up to {kernels.MAX_QUERIES_PER_KV})"
+    if impl == "cpu":
+        from . import cpu
+
+        if device is not None and torch.device(device).type != "cpu":
+            problem = f"device {device} (vLLM's CPU kernels run on CPU only)"
+        else:
+            problem = cpu.unsupported_reason(head_size, dtype)
+    else:
+        kernels = _kernels()[1]
+        if head_size not in kernels.SUPPORTED_HEAD_SIZES:
+            problem = f"head size {head_size} (supported: {kernels.SUPPORTED_HEAD_SIZES})"
+        elif num_queries_per_kv > kernels.MAX_QUERIES_PER_KV:
+            problem = (f"{num_queries_per_kv} query heads per KV head (supported: up to "
+                       f"{kernels.MAX_QUERIES_PER_KV})")
     if problem is None:
-        return "triton"
-    if choice.strip().lower() == "triton":
-        raise ValueError(f"{IMPL_ENV}=triton: the Triton kernels do not support {problem}")
-    logger.info("LCKV attention: the Triton kernels do not support %s; using the torch path", problem)
+        return impl
+    if explicit == impl:
+        raise ValueError(f"{IMPL_ENV}={impl}: the {impl} attention kernels do not support {problem}")
+    logger.info("LCKV attention: the %s kernels do not support %s; using the torch path", impl, problem)
     return "torch"
 
 
@@ -127,9 +146,15 @@ def _bump(slots: torch.Tensor) -> None:
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
              impl: str | None = None) -> None:
     """Store `key`/`value` `[num_tokens, num_kv_heads, head_size]` at `slot_mapping` (−1 = padding, skipped)."""
+    impl = impl or selected_impl(key.device)
+    if impl == "cpu":
+        from . import cpu
+
+        cpu.write_kv(key, value, kv_cache, slot_mapping)
+        return
     slots = slot_view(kv_cache)
     _bump(slots)
-    if (impl or selected_impl(key.device)) == "triton":
+    if impl == "triton":
         _kernels()[0].write_kv(key, value, slots, slot_mapping)
         return
     sm = slot_mapping.long()
@@ -142,9 +167,15 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
 
 def zero_slots(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *, impl: str | None = None) -> None:
     """Zero the K/V of this step's tokens: the starting point of an iterative prefill (DESIGN.md §1)."""
+    impl = impl or selected_impl(kv_cache.device)
+    if impl == "cpu":
+        from . import cpu
+
+        cpu.zero_slots(kv_cache, slot_mapping)
+        return
     slots = slot_view(kv_cache)
     _bump(slots)
-    if (impl or selected_impl(slots.device)) == "triton":
+    if impl == "triton":
         _kernels()[0].zero_slots(slots, slot_mapping)
         return
     sm = slot_mapping.long()
@@ -161,16 +192,28 @@ def attend(
     strict: bool,
     window: int | None,
     impl: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of this step's queries `[num_tokens, num_heads, head_size]` over the pages in `kv_cache`.
 
     `strict`: the query at position t sees keys < t (a query with no visible key outputs exactly 0); otherwise ≤ t.
     `window`: only the `window` most recent positions t-window+1 … t are visible (minus t itself when strict).
-    `impl`: "torch" | "triton" as resolved by `resolve_impl`; None reads the environment now.
+    `impl`: "cpu" | "torch" | "triton" as resolved by `resolve_impl`; None reads the environment now.
+    `out`: where to write the result (same shape as `q`); the returned tensor is `out` then.
     """
-    if (impl or selected_impl(q.device)) == "triton":
-        return triton_attend(q, kv_cache, md, scale=scale, strict=strict, window=window)
-    return torch_attend(q, kv_cache, md, scale=scale, strict=strict, window=window)
+    impl = impl or selected_impl(q.device)
+    if impl == "cpu":
+        from . import cpu
+
+        return cpu.attend(q, kv_cache, md, scale=scale, strict=strict, window=window, out=out)
+    if impl == "triton":
+        o = triton_attend(q, kv_cache, md, scale=scale, strict=strict, window=window)
+    else:
+        o = torch_attend(q, kv_cache, md, scale=scale, strict=strict, window=window)
+    if out is None:
+        return o
+    out.copy_(o)
+    return out
 
 
 def triton_attend(q, kv_cache, md, *, scale, strict, window):

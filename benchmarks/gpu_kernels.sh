@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The Triton kernels on a CUDA machine: correctness tests (kernels/test_*.py, compiled, not interpreted) and the
+# benchmark against vLLM's own Triton attention (kernels/bench.py).  Written for a bare GPU box that has torch and
+# Triton but no vLLM and no network: the package is not installed, so `lckv_vllm.kernels` (setup.py maps kernels/
+# there) is provided by a temporary symlink, and vLLM's baseline kernel is loaded from its two source files in
+# $VLLM_SRC (copy them from an installed vLLM 0.32: vllm/v1/attention/ops/triton_{unified_attention,
+# attention_helpers}.py).  Results: $OUT (default benchmarks/results).
+#
+#   VLLM_SRC=.vllm_src bash benchmarks/gpu_kernels.sh            # tests + full benchmark
+#   QUICK=1 bash benchmarks/gpu_kernels.sh                        # tests + a few benchmark cases
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+if ! $PY -c "import lckv_vllm.kernels" 2>/dev/null; then
+  ln -s ../kernels lckv_vllm/kernels
+  trap 'rm -f lckv_vllm/kernels' EXIT
+fi
+# kernels/bench.py and the compile test run as scripts: the repository root must be importable for them too
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu_kernels_device.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu_kernels_device.txt"
+$PY -m pytest -q -p no:cacheprovider kernels 2>&1 | tee "$OUT/gpu_kernel_tests.log"
+tests_rc=${PIPESTATUS[0]}
+src_args=()
+[ -n "${VLLM_SRC:-}" ] && src_args=(--vllm-source "$VLLM_SRC")
+for dt in ${DTYPES:-bf16}; do
+  $PY kernels/bench.py ${QUICK:+--quick} --dtype "$dt" "${src_args[@]}" --out "$OUT/kernels_${dt}.json" 2>&1 \
+    | tee "$OUT/gpu_kernel_bench_${dt}.log"
+done
+exit "$tests_rc"
