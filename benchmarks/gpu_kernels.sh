@@ -8,6 +8,7 @@
 #
 #   VLLM_SRC=.vllm_src bash benchmarks/gpu_kernels.sh            # tests + full benchmark
 #   QUICK=1 bash benchmarks/gpu_kernels.sh                        # tests + a few benchmark cases
+#   DTYPES="bf16 fp16" SHAPES="gqa: mha:--num-kv-heads,32" ...    # more dtypes / shapes (commas = spaces)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -25,8 +26,12 @@ $PY -m pytest -q -p no:cacheprovider kernels 2>&1 | tee "$OUT/gpu_kernel_tests.l
 tests_rc=${PIPESTATUS[0]}
 src_args=()
 [ -n "${VLLM_SRC:-}" ] && src_args=(--vllm-source "$VLLM_SRC")
-for dt in ${DTYPES:-bf16}; do
-  $PY kernels/bench.py ${QUICK:+--quick} --dtype "$dt" "${src_args[@]}" --out "$OUT/kernels_${dt}.json" 2>&1 \
-    | tee "$OUT/gpu_kernel_bench_${dt}.log"
+# name:extra bench.py arguments; default shape: 32 query / 8 KV heads of 128 (Llama-3-8B-like GQA)
+for shape in ${SHAPES:-gqa:}; do
+  name=${shape%%:*}; extra=${shape#*:}
+  for dt in ${DTYPES:-bf16}; do
+    $PY kernels/bench.py ${QUICK:+--quick} --dtype "$dt" ${extra//,/ } --tag "$name" "${src_args[@]}" \
+      --out "$OUT/kernels_${name}_${dt}.json" 2>&1 | tee -a "$OUT/gpu_kernel_bench.log"
+  done
 done
 exit "$tests_rc"

@@ -40,6 +40,17 @@ def _bench(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def _warm_up(device: torch.device, seconds: float = 2.0) -> None:
+    """Busy the GPU for a moment so its clocks are up before the first timed case (the first case of an earlier run
+    measured 2x slower than its twin mode)."""
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read + bytes written), the practical ceiling for a kernel
     that streams its input once."""
@@ -267,6 +278,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vllm-source", default=None,
                     help="folder with vLLM's triton_unified_attention.py + triton_attention_helpers.py, where vLLM "
                          "is not installed (see _vllm_attention)")
+    ap.add_argument("--vllm-source-version", default="0.32.0", help="the vLLM version those files come from")
+    ap.add_argument("--tag", default="", help="free text stored in the JSON (e.g. the shape's name)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels/bench.py needs a CUDA GPU (the Triton interpreter is for correctness tests only)",
@@ -276,6 +289,7 @@ def main(argv=None) -> int:
     import triton
 
     vllm_fn, vllm_why = (None, "disabled (--no-vllm)") if args.no_vllm else _vllm_attention(args.vllm_source)
+    _warm_up(device)
     copy_gbps = copy_bandwidth(device)
     print(f"{torch.cuda.get_device_name(device)}: device-to-device copy {copy_gbps:.0f} GB/s; "
           f"vLLM baseline: {'yes' if vllm_fn else vllm_why}")
@@ -299,12 +313,14 @@ def main(argv=None) -> int:
 
         vllm_version = vllm.__version__
     except Exception:  # noqa: BLE001 - stubbed (--vllm-source) or absent
-        vllm_version = f"kernel files from {args.vllm_source}" if args.vllm_source else None
+        vllm_version = (f"{args.vllm_source_version} (kernel files loaded from {args.vllm_source})"
+                        if args.vllm_source else None)
     report = dict(
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         device=torch.cuda.get_device_name(device),
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__, vllm=vllm_version,
-        dtype=args.dtype, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_size=args.head_size,
+        tag=args.tag, dtype=args.dtype, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+        head_size=args.head_size,
         block_size=args.block_size, copy_bandwidth_GBps=copy_gbps, vllm_baseline=vllm_fn is not None,
         vllm_baseline_note=None if vllm_fn else vllm_why,
         notes="strict mode: vLLM runs its causal kernel with seq_lens - 1; bandwidth counts visible K/V + q + out "

@@ -11,7 +11,9 @@ layers, so module and weight names match the official checkpoints.  What differs
   causal where the plan says so (see `attention/impl.py`);
 * prefill runs each cyclic segment `min(m + b, longest query in the step)` times with the segment's producer slots
   for the step's tokens zeroed first; after k passes the first k tokens of every prompt are exact, so prompts
-  shorter than m + b converge to token-by-token encoding and decode steps (one token each) need a single pass.
+  shorter than m + b converge to token-by-token encoding and decode steps (one token each) need a single pass;
+* a step that re-encodes generated tokens (recompute after preemption) runs cyclic segments part by part so the
+  result equals the original prompt-then-decode encoding (`resume.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from vllm.utils.torch_utils import direct_register_custom_op
 
 from .attention.backend import backend_class
 from .attention.impl import attend, resolve_impl, write_kv, zero_slots
+from . import resume
 from .plan import plan_from_config
 from .plan import LayerPlan
 
@@ -276,6 +279,12 @@ class LCKVModel(nn.Module):
             for k, seg in enumerate(self.plan.segments)
         ]
         object.__setattr__(self, "_segments", segments)  # not submodules: they own no weights
+        # Re-encode preempted requests exactly (resume.py).  Acyclic plans are exact under any split anyway.
+        self.exact_recompute = self.plan.is_cyclic and resume.exact_recompute_enabled(config)
+        if self.exact_recompute:
+            from .vllm_patches import install_prompt_lengths_hook
+
+            install_prompt_lengths_hook()
 
     def _bind_consumers(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Point each non-producing layer's `Attention` at its producer's pages (vLLM KV sharing).
@@ -298,21 +307,43 @@ class LCKVModel(nn.Module):
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        md = _step_metadata_for(get_forward_context(), _attn_name("model", self.plan.producers[0]))
+        ctx = get_forward_context()
+        md = _step_metadata_for(ctx, _attn_name("model", self.plan.producers[0]))
+        parts = None
+        if self.exact_recompute and md is not None and isinstance(ctx.attn_metadata, dict):
+            parts = resume.plan_step(md, getattr(ctx, "lckv_num_prompt_tokens", None), self.plan.num_passes)
         for seg, run in zip(self.plan.segments, self._segments):
             if not seg.cyclic or md is None:
                 hidden = run(positions, hidden)
-                continue
-            passes = max(1, min(self.plan.num_passes, md.max_query_len))
-            for p in seg.layers:
-                if self.plan.roles[p].computes_kv:
-                    attn = self.layers[p].self_attn
-                    zero_slots(attn.attn.kv_cache, md.slot_mapping, impl=attn.attn_impl)
-            # Every pass restarts from the segment's input (the segment does not modify its input).
-            seg_in = hidden
-            for _ in range(passes):
-                hidden = run(positions, seg_in)
+            elif parts is not None:
+                hidden = self._run_parts(seg, run, positions, hidden, parts)
+            else:
+                self._zero_producer_slots(seg, md)
+                passes = max(1, min(self.plan.num_passes, md.max_query_len))
+                # Every pass restarts from the segment's input (the segment does not modify its input).
+                seg_in = hidden
+                for _ in range(passes):
+                    hidden = run(positions, seg_in)
         return self.norm(hidden)
+
+    def _zero_producer_slots(self, seg, md) -> None:
+        """The starting point of an iterative encoding: this step's K/V of the segment's producers are zeros."""
+        for p in seg.layers:
+            if self.plan.roles[p].computes_kv:
+                attn = self.layers[p].self_attn
+                zero_slots(attn.attn.kv_cache, md.slot_mapping, impl=attn.attn_impl)
+
+    def _run_parts(self, seg, run, positions, hidden, parts):
+        """A cyclic segment over a step that re-encodes generated tokens: part by part (see resume.py)."""
+        out = hidden.clone()
+        for part in parts:
+            with resume.metadata_swapped(part.md):
+                self._zero_producer_slots(seg, part.md)
+                seg_in, pos = hidden.index_select(0, part.rows), positions.index_select(0, part.rows)
+                for _ in range(part.passes):
+                    h = run(pos, seg_in)
+            out.index_copy_(0, part.rows, h)
+        return out
 
 
 class LCKVLlamaForCausalLM(nn.Module):
@@ -324,6 +355,8 @@ class LCKVLlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LCKVModel(vllm_config=vllm_config, prefix="model")
         self.plan = self.model.plan
+        # Read by the model-runner hook (vllm_patches.py, item 4): publish each step's prompt lengths.
+        self.lckv_needs_prompt_lens = self.model.exact_recompute
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
                                       prefix="lm_head")
         if config.tie_word_embeddings:

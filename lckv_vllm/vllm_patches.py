@@ -13,6 +13,11 @@
 3. `CompilationConfig._attention_ops`: the default list of ops at which vLLM's piecewise torch.compile splits the
    graph.  The LCKV attention op (`vllm::lckv_attention`, model.py) reads the step's metadata and another layer's
    pages, so it must stay outside the compiled pieces, like vLLM's own attention op.
+4. `GPUModelRunner._model_forward` (the CPU runner inherits it): the model sees token ids, positions and attention
+   metadata, but not which of a request's tokens are prompt and which were generated.  Exact recompute after
+   preemption (resume.py) needs that, so while the model asks for it (`lckv_needs_prompt_lens`), the wrapper puts the
+   step's per-request prompt lengths (`input_batch.num_prompt_tokens`, in the batch's request order) on the forward
+   context as `lckv_num_prompt_tokens`.  Installed by the first LCKV model with a cyclic plan, in its process only.
 """
 
 from __future__ import annotations
@@ -98,3 +103,22 @@ def install_config_hook() -> None:
     # `splitting_ops`); our attention op must be one of them so it runs eagerly, outside the compiled pieces.
     if "vllm::lckv_attention" not in CompilationConfig._attention_ops:
         CompilationConfig._attention_ops.append("vllm::lckv_attention")
+
+
+def install_prompt_lengths_hook() -> None:
+    """Item 4 (idempotent)."""
+    from vllm.forward_context import get_forward_context
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner._model_forward, "_lckv_hook", False):
+        return
+    original = GPUModelRunner._model_forward
+
+    def _model_forward(self, *args, **kwargs):
+        if getattr(self.model, "lckv_needs_prompt_lens", False):
+            batch = self.input_batch
+            get_forward_context().lckv_num_prompt_tokens = batch.num_prompt_tokens[: batch.num_reqs].copy()
+        return original(self, *args, **kwargs)
+
+    _model_forward._lckv_hook = True
+    GPUModelRunner._model_forward = _model_forward
