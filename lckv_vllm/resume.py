@@ -88,8 +88,8 @@ def _sub_metadata(md, reqs: torch.Tensor, starts: torch.Tensor, lens: torch.Tens
 def plan_step(md, num_prompt_tokens, num_passes: int) -> list[Part] | None:
     """The parts of this step in the order they must run, or None when plain iterative prefill is exact here
     (no request re-encodes generated tokens in a multi-token step)."""
-    if num_prompt_tokens is None or md is None:
-        return None
+    if num_prompt_tokens is None or md is None or md.max_query_len <= 1:
+        return None  # decode-only steps (the common case) cost one comparison here
     B = md.num_reqs
     if len(num_prompt_tokens) < B:
         logger.warning("LCKV: %d prompt lengths for %d requests; re-encoding approximately", len(num_prompt_tokens), B)
