@@ -61,20 +61,14 @@ def build_engine(path: str, args, env: dict | None = None):
     """An in-process engine; `env` is set while it is built (the plugin resolves its attention path then)."""
     from vllm import LLM
 
+    from lckv_vllm.env import temporary_env
+
     kw = dict(dtype="float32", kv_cache_memory_bytes=KV_BUDGET, max_model_len=1024, seed=0, block_size=BLOCK_SIZE,
               max_num_seqs=args.batch)
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
+    with temporary_env(env):
         t0 = time.perf_counter()
         llm = LLM(path, **kw)
         return llm, time.perf_counter() - t0
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def attention_path(llm) -> str:

@@ -38,6 +38,8 @@ def engine(model_dir):
     """engine(preset or path, **engine_kwargs) -> a cached vllm.LLM."""
     from vllm import LLM
 
+    from lckv_vllm.env import temporary_env
+
     cache: dict = {}
 
     def get(model: str, env: dict | None = None, **kw):
@@ -48,16 +50,8 @@ def engine(model_dir):
             args = dict(dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=MAX_MODEL_LEN, seed=0,
                         block_size=BLOCK_SIZE, max_num_seqs=16, enforce_eager=True)
             args.update(kw)
-            saved = {k: os.environ.get(k) for k in (env or {})}
-            os.environ.update(env or {})
-            try:
+            with temporary_env(env):
                 cache[key] = LLM(path, **args)
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
         return cache[key]
 
     return get

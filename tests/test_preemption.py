@@ -62,14 +62,14 @@ def test_acyclic_recompute_is_exact_without_help(engine, model_dir):
     assert r["differ"] == 0 and r["worst"] < 1e-3
 
 
-def test_bad_switch_value_is_named():
+def test_bad_switch_value_is_named(monkeypatch):
     from lckv_vllm.resume import exact_recompute_enabled
 
-    import os
-
-    os.environ["LCKV_EXACT_RECOMPUTE"] = "maybe"
-    try:
-        with pytest.raises(ValueError, match="LCKV_EXACT_RECOMPUTE='maybe'"):
-            exact_recompute_enabled(object())
-    finally:
-        del os.environ["LCKV_EXACT_RECOMPUTE"]
+    monkeypatch.setenv("LCKV_EXACT_RECOMPUTE", "maybe")
+    with pytest.raises(ValueError, match="LCKV_EXACT_RECOMPUTE='maybe'"):
+        exact_recompute_enabled(object())
+    monkeypatch.setenv("LCKV_EXACT_RECOMPUTE", "off")
+    assert exact_recompute_enabled(object()) is False
+    monkeypatch.delenv("LCKV_EXACT_RECOMPUTE")
+    assert exact_recompute_enabled(object()) is True  # the default
+    assert exact_recompute_enabled(type("C", (), {"lckv_exact_recompute": False})()) is False

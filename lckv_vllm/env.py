@@ -1,0 +1,25 @@
+"""`temporary_env`: environment variables set only while an engine is built.
+
+The plugin reads its switches (`LCKV_ATTENTION_IMPL`, `LCKV_EXACT_RECOMPUTE`, `LCKV_CHUNKED_PREFILL`) when vLLM
+builds the model and keeps what it read for the engine's life, so scripts and tests that hold several engines in
+one process set the switches around each `LLM(...)` and restore the environment afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def temporary_env(env: dict | None):
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
