@@ -2,7 +2,9 @@
 
 `make_model` writes `config.json` (`model_type: "lckv-llama"`), `model.safetensors` (no k/v projections on
 layers whose KV nobody reads) and the tokenizer files, ready for `vllm serve DIR`.  `export_llama` writes the same
-weights as a plain Llama checkpoint (for identity plans), which is how tests compare against vLLM's own Llama.
+weights as a plain Llama checkpoint (for identity plans), which is how tests compare against vLLM's own Llama;
+`import_llama` goes the other way: a Llama checkpoint becomes an LCKV checkpoint with a chosen `layer_types`
+(identity: the same model, served through the plugin; otherwise the starting point of LCKV training).
 
 Weights are drawn with scale 1/sqrt(fan_in) (embeddings: 1) rather than the training-time 0.02 so that a random
 model has well-separated logits: greedy comparisons between two implementations then test the math, not ties.
@@ -18,6 +20,9 @@ from pathlib import Path
 
 from .config import ARCHITECTURE, MODEL_TYPE
 from .plan import LayerPlan, pattern
+
+# The config fields the LCKV format adds to Llama's.
+LCKV_FIELDS = ("layer_types", "forward_passes", "backward_passes", "force_nodiag", "use_sequential", "sliding_window")
 
 TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
@@ -214,9 +219,53 @@ def export_llama(src: str | Path, out: str | Path) -> Path:
     for f in src.iterdir():
         if f.is_file() and f.name != "config.json":
             shutil.copy(f, out / f.name)
-    for k in ("layer_types", "forward_passes", "backward_passes", "force_nodiag", "use_sequential", "sliding_window"):
+    for k in LCKV_FIELDS:
         cfg.pop(k, None)
     cfg["model_type"] = "llama"
     cfg["architectures"] = ["LlamaForCausalLM"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def import_llama(src: str | Path, out: str | Path, layer_types: str | None = None, *, forward_passes: int = 7,
+                 backward_passes: int = 2, force_nodiag: bool = False, sliding_window: int | None = None) -> Path:
+    """Write a Llama checkpoint (`model_type: "llama"`, safetensors) as an LCKV checkpoint.
+
+    `layer_types` defaults to the identity plan (the same model).  Layers that compute no KV under the plan lose
+    their k/v projections, as in the official format; everything else is copied unchanged (tokenizer files too).
+    Sharded checkpoints are merged into one `model.safetensors`.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, out = Path(src), Path(out)
+    cfg_path = src / "config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"{src}: no config.json")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("model_type") != "llama":
+        raise ValueError(f"{cfg_path}: model_type is {cfg.get('model_type')!r}, expected 'llama'")
+    n = cfg["num_hidden_layers"]
+    layer_types = layer_types or "_".join(str(i) for i in range(n))
+    plan = LayerPlan.parse(layer_types, n, sliding_window=sliding_window, force_nodiag=force_nodiag)
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{src}: no *.safetensors weights")
+    dropped = {f"model.layers.{r.index}.self_attn.{w}_proj.{kind}" for r in plan.roles if not r.computes_kv
+               for w in ("k", "v") for kind in ("weight", "bias")}
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                if name not in dropped:
+                    tensors[name] = fh.get_tensor(name)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, out / f.name)
+    cfg.update(model_type=MODEL_TYPE, architectures=[ARCHITECTURE], layer_types=plan.layer_types,
+               forward_passes=forward_passes, backward_passes=backward_passes, force_nodiag=force_nodiag,
+               use_sequential=False, sliding_window=sliding_window)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out

