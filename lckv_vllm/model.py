@@ -318,8 +318,11 @@ class LCKVModel(nn.Module):
             elif parts is not None:
                 hidden = self._run_parts(seg, run, positions, hidden, parts)
             else:
-                self._zero_producer_slots(seg, md)
                 passes = max(1, min(self.plan.num_passes, md.max_query_len))
+                if passes > 1:
+                    # With one pass (a decode-only step) nothing reads a slot of this step before its producer
+                    # writes it: readers below the producer are strict, the producer writes before it reads.
+                    self._zero_producer_slots(seg, md)
                 # Every pass restarts from the segment's input (the segment does not modify its input).
                 seg_in = hidden
                 for _ in range(passes):
