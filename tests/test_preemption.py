@@ -73,3 +73,37 @@ def test_bad_switch_value_is_named(monkeypatch):
     monkeypatch.delenv("LCKV_EXACT_RECOMPUTE")
     assert exact_recompute_enabled(object()) is True  # the default
     assert exact_recompute_enabled(type("C", (), {"lckv_exact_recompute": False})()) is False
+
+
+def test_plan_step_splits_a_mixed_step():
+    """resume.plan_step on one step holding a fresh prompt (5 tokens), a resumed request (prompt 3 + 4 generated)
+    and a decode (1 token after 10): the prompt parts first (one sub-step, passes = min(m+b, 5)), then one sub-step
+    per generated position, each with its own context lengths, slots and block-table rows."""
+    import torch
+
+    from lckv_vllm.attention.backend import LCKVMetadata
+    from lckv_vllm.resume import plan_step
+
+    q_lens, ctx = [5, 7, 1], [0, 0, 10]
+    qsl = torch.tensor([0, 5, 12, 13], dtype=torch.int32)
+    seq_lens = torch.tensor([c + q for c, q in zip(ctx, q_lens)], dtype=torch.int32)
+    block_table = torch.tensor([[7, 0], [3, 4], [9, 1]], dtype=torch.int32)
+    slots = torch.arange(100, 113)
+    md = LCKVMetadata(num_actual_tokens=13, num_reqs=3, max_query_len=7, max_seq_len=11, query_start_loc=qsl,
+                      seq_lens=seq_lens, block_table=block_table, slot_mapping=slots, query_start_loc_cpu=qsl,
+                      seq_lens_cpu=seq_lens)
+    prompts = [5, 3, 4]  # the decode request's prompt had 4 tokens
+    parts = plan_step(md, prompts, num_passes=9)
+    assert [p.passes for p in parts] == [5, 1, 1, 1, 1]
+    first = parts[0]
+    assert first.rows.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # fresh prompt + the resumed request's prompt part
+    assert first.md.query_start_loc.tolist() == [0, 5, 8] and first.md.seq_lens.tolist() == [5, 3]
+    assert first.md.block_table.tolist() == [[7, 0], [3, 4]] and first.md.slot_mapping.tolist() == list(range(100, 108))
+    g0 = parts[1]  # generated position 0: the resumed request's 4th token and the decode token
+    assert g0.rows.tolist() == [8, 12] and g0.md.seq_lens.tolist() == [4, 11]
+    assert g0.md.block_table.tolist() == [[3, 4], [9, 1]] and g0.md.max_query_len == 1
+    assert [p.rows.tolist() for p in parts[2:]] == [[9], [10], [11]]
+    assert [p.md.seq_lens.tolist() for p in parts[2:]] == [[5], [6], [7]]
+    # nothing to re-encode: a plain prefill + decode step, and a decode-only step
+    assert plan_step(md, [5, 7, 4], num_passes=9) is None
+    assert plan_step(md, None, num_passes=9) is None
