@@ -175,7 +175,8 @@ class LCKVAttention(nn.Module):
         # the environment.  Every layer gets the same answer (it depends on model-wide shapes only), as it must: the
         # page format, and so the backend class, follows it.
         self.attn_impl = resolve_impl(vllm_config.device_config.device, self.head_dim,
-                                      self.num_heads // self.num_kv_heads, vllm_config.model_config.dtype)
+                                      self.num_heads // self.num_kv_heads, vllm_config.model_config.dtype,
+                                      vllm_config.cache_config.block_size)
         # Built without a sharing target: a consumer's producer may be a later layer, which vLLM's constructor-time
         # check rejects.  The model binds consumers to their producers once every layer exists.
         self.attn = Attention(

@@ -152,9 +152,12 @@ def test_impl_resolution(monkeypatch):
     monkeypatch.setenv(impl.IMPL_ENV, "auto")
     assert impl.resolve_impl("cpu", 32, 2, torch.float32) == "cpu"
     assert impl.resolve_impl("cpu", 16, 2, torch.float32) == "torch"  # auto falls back for shapes vLLM lacks
+    assert impl.resolve_impl("cpu", 32, 2, torch.float32, block_size=8) == "torch"  # the kernels need 16 | size
     monkeypatch.setenv(impl.IMPL_ENV, "cpu")
     with pytest.raises(ValueError, match="head size 16"):
         impl.resolve_impl("cpu", 16, 2, torch.float32)
+    with pytest.raises(ValueError, match="block size 24"):
+        impl.resolve_impl("cpu", 32, 2, torch.float32, block_size=24)
     monkeypatch.setenv(impl.IMPL_ENV, "torch")
     assert impl.resolve_impl("cpu", 32, 2, torch.float32) == "torch"
     monkeypatch.setenv(impl.IMPL_ENV, "fast")

@@ -85,6 +85,12 @@ class LCKVCpuAttentionBackend(LCKVAttentionBackend):
     def get_name() -> str:
         return CPU_BACKEND_NAME
 
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        from .cpu import BLOCK_SIZE_MULTIPLE
+
+        return [MultipleOf(BLOCK_SIZE_MULTIPLE)]
+
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
         # vLLM's CPU kernels read head-major blocks: [num_blocks, num_kv_heads, block_size, 2 * head_size].

@@ -27,14 +27,17 @@ import torch
 # Head sizes vLLM 0.32's CPU attention kernels are compiled for (CPUAttentionBackend.get_supported_head_sizes).
 SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK_SIZE_MULTIPLE = 16  # the kernels check it (vec16 variant: 16, others 32); vLLM's CPU_ATTN asks for 32
 
 
-def unsupported_reason(head_size: int, dtype: torch.dtype | None = None) -> str | None:
+def unsupported_reason(head_size: int, dtype: torch.dtype | None = None, block_size: int | None = None) -> str | None:
     """Why these kernels cannot serve a layer (None when they can)."""
     if head_size not in SUPPORTED_HEAD_SIZES:
         return f"head size {head_size} (vLLM's CPU kernels support {list(SUPPORTED_HEAD_SIZES)})"
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         return f"dtype {dtype}"
+    if block_size is not None and block_size % BLOCK_SIZE_MULTIPLE:
+        return f"block size {block_size} (vLLM's CPU kernels need a multiple of {BLOCK_SIZE_MULTIPLE})"
     try:
         import vllm._custom_ops  # noqa: F401 - loads torch.ops._C
 

@@ -45,7 +45,7 @@ def selected_impl(device: torch.device | None = None, choice: str | None = None)
 
 
 def resolve_impl(device: torch.device | str | None, head_size: int, num_queries_per_kv: int,
-                 dtype: torch.dtype | None = None) -> str:
+                 dtype: torch.dtype | None = None, block_size: int | None = None) -> str:
     """The implementation a model's layers use for their whole life, decided at construction.
 
     `auto` falls back to torch for shapes the chosen kernels do not cover (with a log line); an explicit `triton` or
@@ -64,7 +64,7 @@ def resolve_impl(device: torch.device | str | None, head_size: int, num_queries_
         if device is not None and torch.device(device).type != "cpu":
             problem = f"device {device} (vLLM's CPU kernels run on CPU only)"
         else:
-            problem = cpu.unsupported_reason(head_size, dtype)
+            problem = cpu.unsupported_reason(head_size, dtype, block_size)
     else:
         kernels = _kernels()[1]
         if head_size not in kernels.SUPPORTED_HEAD_SIZES:
