@@ -207,10 +207,9 @@ class LCKVAttentionImpl(AttentionImpl[LCKVMetadata]):
                  self.head_size), kv_cache, slot_mapping, impl=self._impl(key.device))
 
     def _impl(self, device) -> str:
-        from .impl import selected_impl
+        from .impl import plain_pages_impl
 
-        impl = selected_impl(device)
-        return "torch" if impl == "cpu" else impl  # this class's pages are plain slots: torch or Triton
+        return plain_pages_impl(device)  # this class's pages are plain slots: torch or Triton
 
 
 class LCKVCpuAttentionImpl(LCKVAttentionImpl):

@@ -44,6 +44,13 @@ def selected_impl(device: torch.device | None = None, choice: str | None = None)
     return choice
 
 
+def plain_pages_impl(device: torch.device | None = None) -> str:
+    """The environment's choice for plain slot pages (LBNHC): `cpu` pages are in another format, so it maps to torch.
+    What a caller gets that passes no `impl` and so cannot say which format its pages have."""
+    impl = selected_impl(device)
+    return "torch" if impl == "cpu" else impl
+
+
 def resolve_impl(device: torch.device | str | None, head_size: int, num_queries_per_kv: int,
                  dtype: torch.dtype | None = None, block_size: int | None = None) -> str:
     """The implementation a model's layers use for their whole life, decided at construction.
@@ -146,7 +153,7 @@ def _bump(slots: torch.Tensor) -> None:
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
              impl: str | None = None) -> None:
     """Store `key`/`value` `[num_tokens, num_kv_heads, head_size]` at `slot_mapping` (−1 = padding, skipped)."""
-    impl = impl or selected_impl(key.device)
+    impl = impl or plain_pages_impl(key.device)
     if impl == "cpu":
         from . import cpu
 
@@ -167,7 +174,7 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
 
 def zero_slots(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, *, impl: str | None = None) -> None:
     """Zero the K/V of this step's tokens: the starting point of an iterative prefill (DESIGN.md §1)."""
-    impl = impl or selected_impl(kv_cache.device)
+    impl = impl or plain_pages_impl(kv_cache.device)
     if impl == "cpu":
         from . import cpu
 
@@ -198,10 +205,10 @@ def attend(
 
     `strict`: the query at position t sees keys < t (a query with no visible key outputs exactly 0); otherwise ≤ t.
     `window`: only the `window` most recent positions t-window+1 … t are visible (minus t itself when strict).
-    `impl`: "cpu" | "torch" | "triton" as resolved by `resolve_impl`; None reads the environment now.
+    `impl`: "cpu" | "torch" | "triton" as resolved by `resolve_impl`; None: `plain_pages_impl` (environment, now).
     `out`: where to write the result (same shape as `q`); the returned tensor is `out` then.
     """
-    impl = impl or selected_impl(q.device)
+    impl = impl or plain_pages_impl(q.device)
     if impl == "cpu":
         from . import cpu
 
