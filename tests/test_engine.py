@@ -42,7 +42,7 @@ def test_mixed_batch_matches_reference(engine, model_dir, preset, impl, record_p
     prompts = [random_prompt(n, seed=10 + n) for n in LENGTHS]
     llm = engine(preset) if impl == "auto" else engine(preset, env={"LCKV_ATTENTION_IMPL": impl})
     expected = "cpu" if impl == "auto" else impl
-    assert {layer.self_attn.attn_impl for layer in model_of(llm).model.layers} == {expected}
+    assert {layer.self_attn.path.name for layer in model_of(llm).model.layers} == {expected}
     results = generate(llm, prompts, max_tokens=16)
     ref = reference(model_dir, preset)
     worst = check_against_reference(results, [ref.generate(p, 16) for p in prompts])

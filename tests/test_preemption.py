@@ -63,16 +63,19 @@ def test_acyclic_recompute_is_exact_without_help(engine, model_dir):
 
 
 def test_bad_switch_value_is_named(monkeypatch):
-    from lckv_vllm.resume import exact_recompute_enabled
+    from lckv_vllm.settings import load_settings
+
+    def exact(cfg=None):
+        return load_settings(cfg).exact_recompute
 
     monkeypatch.setenv("LCKV_EXACT_RECOMPUTE", "maybe")
     with pytest.raises(ValueError, match="LCKV_EXACT_RECOMPUTE='maybe'"):
-        exact_recompute_enabled(object())
+        exact()
     monkeypatch.setenv("LCKV_EXACT_RECOMPUTE", "off")
-    assert exact_recompute_enabled(object()) is False
+    assert exact() is False
     monkeypatch.delenv("LCKV_EXACT_RECOMPUTE")
-    assert exact_recompute_enabled(object()) is True  # the default
-    assert exact_recompute_enabled(type("C", (), {"lckv_exact_recompute": False})()) is False
+    assert exact() is True  # the default
+    assert exact(type("C", (), {"lckv_exact_recompute": False})()) is False
 
 
 def test_plan_step_splits_a_mixed_step():
@@ -81,7 +84,8 @@ def test_plan_step_splits_a_mixed_step():
     per generated position, each with its own context lengths, slots and block-table rows."""
     import torch
 
-    from lckv_vllm.attention.backend import LCKVMetadata
+    from lckv_vllm.attention.step import make_step
+    from lckv_vllm.plan import LayerPlan
     from lckv_vllm.resume import plan_step
 
     q_lens, ctx = [5, 7, 1], [0, 0, 10]
@@ -89,21 +93,23 @@ def test_plan_step_splits_a_mixed_step():
     seq_lens = torch.tensor([c + q for c, q in zip(ctx, q_lens)], dtype=torch.int32)
     block_table = torch.tensor([[7, 0], [3, 4], [9, 1]], dtype=torch.int32)
     slots = torch.arange(100, 113)
-    md = LCKVMetadata(num_actual_tokens=13, num_reqs=3, max_query_len=7, max_seq_len=11, query_start_loc=qsl,
-                      seq_lens=seq_lens, block_table=block_table, slot_mapping=slots, query_start_loc_cpu=qsl,
-                      seq_lens_cpu=seq_lens)
-    prompts = [5, 3, 4]  # the decode request's prompt had 4 tokens
-    parts = plan_step(md, prompts, num_passes=9)
+    md = make_step(num_actual_tokens=13, num_reqs=3, query_start_loc=qsl, seq_lens=seq_lens,
+                   block_table=block_table, slot_mapping=slots, query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+    plan = LayerPlan.parse("0_4_4_4_4_5")  # m+b = 9
+    md.prompt_lens = [5, 3, 4]  # the decode request's prompt had 4 tokens
+    parts = plan_step(md, plan)
     assert [p.passes for p in parts] == [5, 1, 1, 1, 1]
     first = parts[0]
     assert first.rows.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # fresh prompt + the resumed request's prompt part
-    assert first.md.query_start_loc.tolist() == [0, 5, 8] and first.md.seq_lens.tolist() == [5, 3]
-    assert first.md.block_table.tolist() == [[7, 0], [3, 4]] and first.md.slot_mapping.tolist() == list(range(100, 108))
+    assert first.step.query_start_loc.tolist() == [0, 5, 8] and first.step.seq_lens.tolist() == [5, 3]
+    assert first.step.block_table.tolist() == [[7, 0], [3, 4]] and first.step.slot_mapping.tolist() == list(range(100, 108))
     g0 = parts[1]  # generated position 0: the resumed request's 4th token and the decode token
-    assert g0.rows.tolist() == [8, 12] and g0.md.seq_lens.tolist() == [4, 11]
-    assert g0.md.block_table.tolist() == [[3, 4], [9, 1]] and g0.md.max_query_len == 1
+    assert g0.rows.tolist() == [8, 12] and g0.step.seq_lens.tolist() == [4, 11]
+    assert g0.step.block_table.tolist() == [[3, 4], [9, 1]] and g0.step.max_query_len == 1
     assert [p.rows.tolist() for p in parts[2:]] == [[9], [10], [11]]
-    assert [p.md.seq_lens.tolist() for p in parts[2:]] == [[5], [6], [7]]
+    assert [p.step.seq_lens.tolist() for p in parts[2:]] == [[5], [6], [7]]
     # nothing to re-encode: a plain prefill + decode step, and a decode-only step
-    assert plan_step(md, [5, 7, 4], num_passes=9) is None
-    assert plan_step(md, None, num_passes=9) is None
+    md.prompt_lens = [5, 7, 4]
+    assert plan_step(md, plan) is None
+    md.prompt_lens = None
+    assert plan_step(md, plan) is None

@@ -1,22 +1,22 @@
 """The Triton attention path (`LCKV_ATTENTION_IMPL=triton`) against the torch path.
 
 On this CPU-only project the kernels run under Triton's interpreter (slow), so the cases are small: one check of the
-impl.py glue on a hand-made step, and one short greedy generation of the w2 model with both paths built in the same
+path objects on a hand-made step, and one short greedy generation of the w2 model with both paths built in the same
 process (which is also the check that each engine keeps the implementation it was built with).
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
 from conftest import generate, model_of, random_prompt
-from lckv_vllm.attention import impl
+from lckv_vllm.attention.select import make_path
+from lckv_vllm.attention.step import make_step
+from lckv_vllm.settings import ATTENTION_IMPL_ENV
 
 
-def test_impl_switch_glue_matches_torch():
-    """write_kv / zero_slots / attend with impl="triton" on vLLM's 4-D page tensor equal the torch path."""
+def test_triton_path_matches_torch_path():
+    """write_kv / zero_slots / attend of the Triton path on vLLM's 4-D page tensor equal the torch path's."""
     g = torch.Generator().manual_seed(0)
     num_blocks, block_size, hk, hq, d = 6, 4, 2, 4, 32
     ctx_q = [(0, 3), (5, 1), (2, 6)]
@@ -28,9 +28,11 @@ def test_impl_switch_glue_matches_torch():
     slot_mapping = torch.cat([bt[s, p // block_size].long() * block_size + p % block_size
                               for s, (c, q) in enumerate(ctx_q) for p in [torch.arange(c, c + q)]])
     slot_mapping[1] = -1  # a padding token: skipped by the writes
-    md = SimpleNamespace(num_reqs=3, num_actual_tokens=10, max_query_len=6, max_seq_len=8, query_start_loc=qsl,
-                         seq_lens=seq_lens, block_table=bt, slot_mapping=slot_mapping, query_start_loc_cpu=qsl,
-                         seq_lens_cpu=seq_lens, cache={})
+    first4 = make_step(num_reqs=1, num_actual_tokens=4, query_start_loc=torch.tensor([0, 4], dtype=torch.int32),
+                       seq_lens=torch.tensor([4], dtype=torch.int32), block_table=bt, slot_mapping=slot_mapping[:4],
+                       query_start_loc_cpu=None, seq_lens_cpu=None)  # only its slot_mapping matters to zero_slots
+    md = make_step(num_reqs=3, num_actual_tokens=10, query_start_loc=qsl, seq_lens=seq_lens, block_table=bt,
+                   slot_mapping=slot_mapping, query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
     # vLLM's logical [num_blocks, num_kv_heads, block_size, 2d] view of token-major (LBNHC) pages
     phys = torch.randn(num_blocks, block_size, hk, 2 * d, generator=g)
     caches = {name: phys.clone().transpose(1, 2) for name in ("torch", "triton")}
@@ -38,9 +40,10 @@ def test_impl_switch_glue_matches_torch():
     q = torch.randn(10, hq, d, generator=g)
     out = {}
     for name, cache in caches.items():
-        impl.zero_slots(cache, slot_mapping[:4], impl=name)
-        impl.write_kv(k[4:], v[4:], cache, slot_mapping[4:], impl=name)
-        out[name] = impl.attend(q, cache, md, scale=d**-0.5, strict=True, window=5, impl=name)
+        path = make_path(name)
+        path.zero_slots(cache, first4)
+        path.write_kv(k[4:], v[4:], cache, slot_mapping[4:], md)
+        out[name] = path.attend(q, cache, md, scale=d**-0.5, strict=True, window=5, out=torch.empty_like(q))
     assert torch.equal(caches["torch"], caches["triton"])
     torch.testing.assert_close(out["triton"], out["torch"], atol=1e-5, rtol=0)
 
@@ -48,11 +51,11 @@ def test_impl_switch_glue_matches_torch():
 def test_triton_greedy_generation_equals_torch(engine):
     """tiny-w2 (cyclic plan: iterative prefill, strict reads of the top layer's pages), greedy, token for token."""
     prompts = [random_prompt(n, seed=50 + n) for n in (1, 6, 13)]
-    torch_llm = engine("tiny-w2", env={impl.IMPL_ENV: "torch"})
-    triton_llm = engine("tiny-w2", env={impl.IMPL_ENV: "triton"})
+    torch_llm = engine("tiny-w2", env={ATTENTION_IMPL_ENV: "torch"})
+    triton_llm = engine("tiny-w2", env={ATTENTION_IMPL_ENV: "triton"})
     # The choice was captured when each engine was built; the environment is restored by now.
-    assert {a.self_attn.attn_impl for a in model_of(torch_llm).model.layers} == {"torch"}
-    assert {a.self_attn.attn_impl for a in model_of(triton_llm).model.layers} == {"triton"}
+    assert {a.self_attn.path.name for a in model_of(torch_llm).model.layers} == {"torch"}
+    assert {a.self_attn.path.name for a in model_of(triton_llm).model.layers} == {"triton"}
     ref = generate(torch_llm, prompts, max_tokens=8)
     got = generate(triton_llm, prompts, max_tokens=8)
     for (toks, lps, _), (rtoks, rlps, _) in zip(got, ref):

@@ -10,15 +10,14 @@ model from the resolved implementation (`backend_class`):
   kernels own (head-major blocks, LBHNC, K transposed inside a block).  vLLM resolves one layout per engine from the
   backends' declarations, which is why the format is a property of the class, not of a call.
 
-The model does not go through `Attention.forward` (which reads and writes one layer's cache): a layer writes its
-own pages when it computes KV and reads the pages of the layer it attends to, which may be a different producer.
-`write_kv`, `attend` and `zero_slots` below are those entry points.  Which implementation does the math is one
-switch (`impl.py`), so the Triton kernels plug in behind it.
+The metadata builder makes the step object (`step.LCKVStep`) every layer reads.  The model does not go through
+`Attention.forward` (which reads and writes one layer's cache): a layer writes its own pages when it computes KV and
+reads the pages of the layer it attends to, which may be a different producer, through the engine's attention path
+(`base.AttentionPath`).  `LCKVAttentionImpl` below serves callers that do use `Attention.forward`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -35,6 +34,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from .. import BACKEND_NAME, CPU_BACKEND_NAME
+from .step import LCKVStep, StepBuffers, make_step
 
 
 class LCKVAttentionBackend(AttentionBackend):
@@ -101,64 +101,39 @@ class LCKVCpuAttentionBackend(LCKVAttentionBackend):
         return LCKVCpuAttentionImpl
 
 
-def backend_class(impl: str) -> type[LCKVAttentionBackend]:
-    """The backend (hence the page format) an implementation needs."""
-    return LCKVCpuAttentionBackend if impl == "cpu" else LCKVAttentionBackend
-
-
-@dataclass
-class LCKVMetadata:
-    """One step's batch description, shared by every layer of the step.
-
-    Index tensors that every layer needs (padded query/key gathers, masks) are built on first use and cached here,
-    so their cost is paid once per step, not once per layer.
-    """
-
-    num_actual_tokens: int
-    num_reqs: int
-    max_query_len: int
-    max_seq_len: int
-    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
-    seq_lens: torch.Tensor  # [num_reqs] int32, context + this step's tokens
-    block_table: torch.Tensor  # [num_reqs, max_blocks] int32
-    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = padding
-    query_start_loc_cpu: torch.Tensor | None = None
-    seq_lens_cpu: torch.Tensor | None = None
-    cache: dict = field(default_factory=dict)
-
-
-class LCKVMetadataBuilder(AttentionMetadataBuilder[LCKVMetadata]):
+class LCKVMetadataBuilder(AttentionMetadataBuilder[LCKVStep]):
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.buffers = StepBuffers(vllm_config.scheduler_config.max_num_seqs, device)
 
     def build(
         self,
         common_prefix_len: int,
         common_attn_metadata: CommonAttentionMetadata,
         fast_build: bool = False,
-    ) -> LCKVMetadata:
+    ) -> LCKVStep:
         m = common_attn_metadata
-        n = m.num_actual_tokens
-        return LCKVMetadata(
-            num_actual_tokens=n,
-            num_reqs=m.num_reqs,
-            max_query_len=int(m.max_query_len),
-            max_seq_len=int(m.max_seq_len),
+        return make_step(
             query_start_loc=m.query_start_loc,
             seq_lens=m.seq_lens,
             block_table=m.block_table_tensor,
-            slot_mapping=m.slot_mapping[:n],
+            slot_mapping=m.slot_mapping,
+            num_reqs=m.num_reqs,
+            num_actual_tokens=m.num_actual_tokens,
             query_start_loc_cpu=m.query_start_loc_cpu,
             seq_lens_cpu=getattr(m, "seq_lens_cpu", None),
+            buffers=self.buffers,
         )
 
 
-class LCKVAttentionImpl(AttentionImpl[LCKVMetadata]):
-    """The per-layer object vLLM constructs.  It carries the layer's flags; the math lives in `impl.py`.
+class LCKVAttentionImpl(AttentionImpl[LCKVStep]):
+    """The per-layer object vLLM constructs: the layer's flags and the engine's attention path (`lckv_path`).
 
-    `forward` serves a caller that goes through vLLM's `Attention.forward` (own pages, no strictness unless the layer
-    was built with `lckv_strict=True`).  The LCKV model calls `write_kv` / `attend` directly instead.
+    `forward` / `do_kv_cache_update` serve a caller that goes through vLLM's `Attention.forward` (own pages, strict
+    only if the layer was built with `lckv_strict=True`).  The LCKV model calls its path directly instead.
     """
+
+    default_path = "torch"  # for a layer built without `lckv_path`: a path that reads this class's page format
 
     def __init__(
         self,
@@ -174,9 +149,17 @@ class LCKVAttentionImpl(AttentionImpl[LCKVMetadata]):
         kv_sharing_target_layer_name: str | None = None,
         lckv_strict: bool = False,
         lckv_window: int | None = None,
+        lckv_path=None,
     ) -> None:
         if alibi_slopes is not None or (logits_soft_cap or 0) != 0:
             raise NotImplementedError("the LCKV attention backend supports neither ALiBi nor logit soft-capping")
+        if lckv_path is None:
+            # No path handed over (a model other than ours picked this backend by name): the plain page format of
+            # this class serves the torch path on any device.
+            from .select import make_path
+
+            lckv_path = make_path(self.default_path)
+        self.path = lckv_path
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -191,27 +174,30 @@ class LCKVAttentionImpl(AttentionImpl[LCKVMetadata]):
                 output_block_scale=None):
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        from .impl import attend
-
         n = attn_metadata.num_actual_tokens
-        q = query[:n].view(n, self.num_heads, self.head_size)
-        attend(q, kv_cache, attn_metadata, scale=self.scale, strict=self.strict, window=self.window,
-               impl=self._impl(q.device), out=output[:n].view(n, self.num_heads, self.head_size))
+        self.path.attend(query[:n].view(n, self.num_heads, self.head_size), kv_cache, attn_metadata,
+                         scale=self.scale, strict=self.strict, window=self.window,
+                         out=output[:n].view(n, self.num_heads, self.head_size))
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        from .impl import write_kv
-
         n = slot_mapping.shape[0]
-        write_kv(key[:n].view(n, self.num_kv_heads, self.head_size), value[:n].view(n, self.num_kv_heads,
-                 self.head_size), kv_cache, slot_mapping, impl=self._impl(key.device))
-
-    def _impl(self, device) -> str:
-        from .impl import plain_pages_impl
-
-        return plain_pages_impl(device)  # this class's pages are plain slots: torch or Triton
+        self.path.write_kv(key[:n].view(n, self.num_kv_heads, self.head_size),
+                           value[:n].view(n, self.num_kv_heads, self.head_size), kv_cache, slot_mapping,
+                           _step_of(layer))
 
 
 class LCKVCpuAttentionImpl(LCKVAttentionImpl):
-    def _impl(self, device) -> str:
-        return "cpu"
+    default_path = "cpu"
+
+
+def _step_of(layer) -> LCKVStep | None:
+    """The step a generic-route write belongs to, so paths that cache reads see the write."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    md = get_forward_context().attn_metadata
+    if isinstance(md, dict):
+        md = md.get(getattr(layer, "layer_name", None))
+    return md if isinstance(md, LCKVStep) else None

@@ -1,0 +1,64 @@
+"""`AttentionPath`: the one small interface every attention implementation of the plugin implements.
+
+A path owns a page format (hence a vLLM backend class) and the three operations a layer needs on it:
+`write_kv` (store this step's K/V of a producer), `zero_slots` (the zero start of an iterative prefill) and `attend`
+(read the pages of the layer a layer attends to, writing into the caller's `out`).  One path is chosen per engine
+at start-up (`select.py`) and handed to every layer: the page format is engine-wide, and no step re-decides.
+
+Paths: `torch_path.TorchPath` (portable gather + SDPA), `cpu.CpuPath` (vLLM's C++ kernels made strict),
+`triton_path.TritonPath` (the Triton kernels in `lckv_vllm.kernels`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from .step import LCKVStep
+
+
+class AttentionPath(ABC):
+    name: str  # "torch" | "cpu" | "triton": what logs, metrics and tests report
+
+    @property
+    @abstractmethod
+    def backend(self) -> type:
+        """The vLLM attention backend class that declares this path's page format."""
+
+    @abstractmethod
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 step: LCKVStep | None = None) -> None:
+        """Store `key`/`value` `[num_tokens, num_kv_heads, head_size]` at `slot_mapping` (−1 = padding, skipped).
+        `step`, when given, learns that pages changed (paths that cache reads across layers need it)."""
+
+    @abstractmethod
+    def zero_slots(self, kv_cache: torch.Tensor, step: LCKVStep) -> None:
+        """Zero the K/V of the step's tokens: the starting point of an iterative prefill."""
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, step: LCKVStep, *, scale: float, strict: bool,
+               window: int | None, out: torch.Tensor) -> torch.Tensor:
+        """Attention of the step's queries `[num_tokens, num_heads, head_size]` over `kv_cache`'s pages into `out`.
+
+        `strict`: the query at position t sees keys < t (a query with no visible key outputs exactly 0); else <= t.
+        `window`: only positions t-window+1 ... t are visible (minus t itself when strict).  Returns `out`.
+        """
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+def slot_view(kv_cache: torch.Tensor) -> torch.Tensor:
+    """Plain pages as `[num_slots, num_kv_heads, 2 * head_size]` (K in the first half, V in the second).
+
+    vLLM hands each layer a logical `[num_blocks, num_kv_heads, block_size, 2 * head_size]` view whose physical order
+    is LBNHC (the layout `LCKVAttentionBackend` asks for), i.e. token-major; transposing back gives a contiguous
+    tensor.  Shared by the torch and Triton paths, which use the same plain page format.
+    """
+    if kv_cache.dim() == 3:
+        return kv_cache
+    nb, h, bs, c = kv_cache.shape
+    phys = kv_cache.transpose(1, 2)
+    assert phys.is_contiguous(), "LCKV KV pages must be token-major (LBNHC layout)"
+    return phys.reshape(nb * bs, h, c)

@@ -1,0 +1,69 @@
+"""Choosing an engine's attention path, once, when vLLM builds the model.
+
+`LCKV_ATTENTION_IMPL` (read into `Settings.attention_impl`):
+* `auto` (default): Triton on CUDA; on CPU vLLM's own C++ kernels (`cpu.py`), or torch for shapes they lack;
+* `cpu`: vLLM's CPU kernels made strict; their pages are in the kernels' private format;
+* `triton`: the kernels in `lckv_vllm.kernels`, on CUDA or under Triton's interpreter;
+* `torch`: the portable gather + SDPA path.
+Every layer of a model gets the same path (the page format, hence the vLLM backend class, is engine-wide).  `auto`
+falls back to torch for shapes the preferred kernels do not cover, with a log line; an explicit `cpu`/`triton` for
+such a shape is an error raised here, at start-up, rather than at the first request.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..settings import ATTENTION_IMPL_ENV, Settings
+from .base import AttentionPath
+
+logger = logging.getLogger("lckv_vllm")
+
+
+def make_path(name: str) -> AttentionPath:
+    if name == "cpu":
+        from .cpu import CpuPath
+
+        return CpuPath()
+    if name == "triton":
+        from .triton_path import TritonPath
+
+        return TritonPath()
+    if name == "torch":
+        from .torch_path import TorchPath
+
+        return TorchPath()
+    raise ValueError(f"unknown attention path {name!r}")
+
+
+def preferred(choice: str, device: torch.device | str | None) -> str:
+    """`choice` with `auto` resolved by device alone: Triton on CUDA, vLLM's C++ kernels on CPU."""
+    if choice == "auto":
+        return "triton" if (device is not None and torch.device(device).type == "cuda") else "cpu"
+    return choice
+
+
+def select_path(settings: Settings, device: torch.device | str | None, head_size: int, num_queries_per_kv: int,
+                dtype: torch.dtype | None = None, block_size: int | None = None) -> AttentionPath:
+    """The path a model's layers use for their whole life."""
+    name = preferred(settings.attention_impl, device)
+    problem = None
+    if name == "cpu":
+        from . import cpu
+
+        if device is not None and torch.device(device).type != "cpu":
+            problem = f"device {device} (vLLM's CPU kernels run on CPU only)"
+        else:
+            problem = cpu.unsupported_reason(head_size, dtype, block_size)
+    elif name == "triton":
+        from . import triton_path
+
+        problem = triton_path.unsupported_reason(head_size, num_queries_per_kv)
+    if problem is None:
+        return make_path(name)
+    if settings.attention_impl == name:
+        raise ValueError(f"{ATTENTION_IMPL_ENV}={name}: the {name} attention kernels do not support {problem}")
+    logger.info("LCKV attention: the %s kernels do not support %s; using the torch path", name, problem)
+    return make_path("torch")
