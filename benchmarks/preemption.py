@@ -1,4 +1,4 @@
-"""Does recompute-after-preemption change greedy outputs of a cyclic plan?  (DESIGN.md §1)
+"""Does recompute-after-preemption change greedy outputs of a cyclic plan?  (docs/semantics.md)
 
 vLLM 0.32 handles a full KV cache by preempting a running request and later re-encoding prompt + generated tokens
 in one prefill step.  The plugin re-encodes exactly by default (lckv_vllm/resume.py: prompt part iteratively, then
@@ -40,7 +40,6 @@ def run(preset: str, work: Path, exact: bool = True) -> dict:
     from vllm.inputs import TokensPrompt
 
     from lckv_vllm.checkpoint import make_preset
-    from lckv_vllm.plan import plan_from_config
     from lckv_vllm.reference import ReferenceModel
 
     path = make_preset(preset, work / preset)

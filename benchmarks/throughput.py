@@ -1,6 +1,6 @@
 """Offline throughput and KV capacity: the plugin against vLLM's own Llama on the same weights, in one run.
 
-Shapes (issue 2): fp32, batch 16 short prompts, 128 generated tokens (ignore_eos), 12 layers, hidden 256.
+Shapes: fp32, batch 16 short prompts, 128 generated tokens (ignore_eos), 12 layers, hidden 256.
 Engines, all alive in this process, each warmed up, then measured in `--repeats` alternating rounds:
   llama          vLLM's LlamaForCausalLM (its default compilation settings) on the identity checkpoint exported
                  as plain Llama: the baseline

@@ -1,4 +1,4 @@
-"""Triton paged-attention kernels for cross-layer KV sharing, each beside its torch reference (issue 3).
+"""Triton paged-attention kernels for cross-layer KV sharing, each beside its torch reference.
 
 Installed as `lckv_vllm.kernels`.  Modules: `kv_cache` (KV write and zero-fill of slots), `paged_attention` (the
 unified prefill/decode kernel with its split-KV path), `reference` (float64 torch references), `bench` (CUDA

@@ -1,7 +1,7 @@
 """Unified paged attention for cross-layer KV sharing: one Triton kernel for a mixed batch of prefill chunks and
 decode tokens, with a split-KV path for long decode contexts.
 
-What it computes (DESIGN.md §1; reference: `reference.paged_attention_ref`): queries are packed varlen
+What it computes (docs/semantics.md; reference: `reference.paged_attention_ref`): queries are packed varlen
 (`query_start_loc`), query i of sequence s sits at absolute position t = seq_len - query_len + i and attends to the
 keys of its sequence at positions p with
     p <= t            (ordinary causal)   or   p < t   (`strict`: a layer reading another layer's, not yet final, KV)

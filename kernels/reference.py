@@ -1,7 +1,7 @@
 """Float64 torch references for the Triton kernels in this folder: the oracle of `kernels/test_*.py`.
 
 They are written to be obviously correct rather than fast: each sequence is gathered key by key from its block
-table, the visibility mask is spelled out from the definitions (DESIGN.md §1), and everything is computed in float64.
+table, the visibility mask is spelled out from the definitions (docs/semantics.md), and everything is computed in float64.
 They deliberately share no code with `lckv_vllm/attention/torch_path.py`, so a test against them is an
 independent check of both.
 """

@@ -71,7 +71,7 @@ PRESETS: dict[str, ModelSpec] = dict(
         _tiny("tiny-cla", "cla"),
         _tiny("tiny-yoco", "yoco", sliding_window=8),
         _tiny("tiny-lasagna", "lasagna"),
-        # the throughput benchmark's shape: 12 layers, hidden 256 (DESIGN/issue: ~800 tok/s for vLLM's Llama)
+        # the throughput benchmark's shape: 12 layers, hidden 256 (~800 tok/s for vLLM's Llama on 2 CPU cores)
         ("bench-identity", ModelSpec(layer_types=pattern("identity", 12), num_layers=12, hidden_size=256,
                                      num_heads=8, num_kv_heads=8)),
         ("bench-w2", ModelSpec(layer_types=pattern("w2", 12), num_layers=12, hidden_size=256, num_heads=8,
@@ -81,7 +81,7 @@ PRESETS: dict[str, ModelSpec] = dict(
 
 
 def tokenizer_source() -> Path:
-    """The Llama-style 32k SentencePiece model shipped with mistral-common (DESIGN.md §3)."""
+    """The Llama-style 32k SentencePiece model shipped with mistral-common (a dependency of vLLM): no hub download."""
     import importlib.util
 
     spec = importlib.util.find_spec("mistral_common")

@@ -1,7 +1,8 @@
 """The Hugging Face config class for `model_type: "lckv-llama"` (the official LCKV checkpoint format).
 
 It is Llama's config plus `layer_types` (a string such as "0_20_20_21"), `forward_passes`, `backward_passes`,
-`force_nodiag`, `use_sequential` and `sliding_window`.
+`force_nodiag`, `use_sequential` and `sliding_window`; `plan.py` reads them all (docs/semantics.md says what each
+does to the served computation).
 
 Why the string is kept under another attribute name in memory: transformers 5 treats a config attribute called
 `layer_types` as a *list* of names like "full_attention" (it iterates it, remaps legacy names character by character

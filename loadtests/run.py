@@ -4,8 +4,8 @@
     .venv/bin/python loadtests/run.py --models bench-w2 bench-identity llama:bench-identity --requests 96
 
 A model is a preset name (built into a temporary directory), a checkpoint directory, or `llama:PRESET`: the
-identity preset exported as a plain Llama checkpoint, which vLLM serves with its own LlamaForCausalLM (DESIGN.md §5:
-always run the baseline of the same shape in the same run).  Every model gets the same server settings (dtype,
+identity preset exported as a plain Llama checkpoint, which vLLM serves with its own LlamaForCausalLM (the
+baseline of the same shape always runs in the same run).  Every model gets the same server settings (dtype,
 block size, KV budget, max_num_seqs) and the same load (users, request count, prompt/output lengths, seed); the
 report gives each model's `vllm bench serve`-style numbers and their ratios to the baseline.
 

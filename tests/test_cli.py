@@ -1,6 +1,7 @@
 """The `lckv-vllm` command line: plan, make-model and import-llama, including their error messages."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -93,3 +94,17 @@ def test_import_llama_errors_name_the_problem(model_dir, tmp_path):
     llama = export_llama(model_dir("tiny-identity"), tmp_path / "llama")
     r = run("import-llama", str(llama), str(tmp_path / "y"), "--layer-types", "0_1_9_3_4_5")
     assert r.returncode == 2 and "entry 2" in r.stderr
+
+
+def test_wheel_ships_no_tests_or_benchmarks(tmp_path):
+    """kernels/ keeps tests and the benchmark beside the kernels; the wheel carries the kernels only."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("lckv_vllm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "lckv_vllm/kernels/paged_attention.py" in names and "lckv_vllm/attention/step.py" in names
+    shipped = [n for n in names if n.rsplit("/", 1)[-1].startswith(("test_", "conftest", "bench"))]
+    assert shipped == [], shipped

@@ -207,3 +207,20 @@ def test_tied_embeddings(engine, tmp_path):
     results = generate(engine(str(path)), prompts, max_tokens=8)
     ref = ReferenceModel(path)
     check_against_reference(results, [ref.generate(p, 8) for p in prompts])
+
+
+def test_use_sequential_encodes_token_by_token(engine, model_dir, tmp_path):
+    """`use_sequential: true` (official config field): the prefill runs one pass per token of the longest prompt,
+    so a 40-token prompt equals token-by-token encoding, where the default m+b = 9 passes differ beyond 9 tokens."""
+    path = _bad_checkpoint(model_dir, tmp_path, "sequential", lambda c: c.update(use_sequential=True))
+    prompts = [random_prompt(40, seed=90), random_prompt(3, seed=91)]
+    llm = engine(str(path))
+    assert model_of(llm).plan.use_sequential and model_of(llm).plan.prefill_passes(40) == 40
+    results = generate(llm, prompts, max_tokens=8)
+    ref = ReferenceModel(path)
+    check_against_reference(results, [ref.generate(p, 8) for p in prompts])
+    # the oracle's sequential prefill is token-by-token encoding: its last prompt logits match forward_sequential
+    seq_logits = ref.forward_sequential(prompts[0])[-1]
+    assert results[0][0][0] == int(seq_logits.argmax())
+    iterative = ReferenceModel(model_dir("tiny-w2")).generate(prompts[0], 8)
+    assert iterative != ref.generate(prompts[0], 8)  # the setting changes what is served

@@ -1,4 +1,4 @@
-"""Recompute after preemption (DESIGN.md §1): a KV cache far too small for the batch makes vLLM preempt requests and
+"""Recompute after preemption (docs/semantics.md): a KV cache far too small for the batch makes vLLM preempt requests and
 later re-encode prompt + generated tokens in one prefill step.
 
 Cyclic plan (tiny-w2), default: the re-encoding is exact (lckv_vllm/resume.py), so every request equals the

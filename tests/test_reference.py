@@ -1,5 +1,5 @@
 """The pure-torch reference against itself: the iterative encoding converges to token-by-token encoding exactly as
-DESIGN.md §1 says, and chunk-by-chunk encoding behaves as documented."""
+docs/semantics.md says, and chunk-by-chunk encoding behaves as documented."""
 
 import pytest
 import torch
