@@ -1,15 +1,23 @@
-"""The FastAPI application of lckv-serve: routes, API-key check, body-size limit and request metrics.
+"""The FastAPI application of lckv-serve: routes, API-key check, body-size limit, request metrics, OpenAPI document.
 
 `create_app(frontend)` takes an `EngineFrontend`, so the same app runs on a real `AsyncLLM` (cli.py) or on a stand-in
 engine in tests.  The middlewares are plain ASGI (not `BaseHTTPMiddleware`), which would buffer streamed responses
 and hide the client's disconnect from the endpoints.
+
+Request bodies: `Content-Type` must be JSON (`application/json` or `application/*+json`, charset UTF-8) or absent,
+else 415; the body is parsed and validated in one step by pydantic's JSON parser (strict types, nesting limited,
+unpaired UTF-16 surrogate escapes and invalid UTF-8 refused), so any malformed body is a 400 in OpenAI's shape.
+`/openapi.json` describes exactly what is accepted (with this server's context length, vocabulary and caps).
 """
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 
 from fastapi import FastAPI, Request
@@ -19,8 +27,9 @@ from fastapi.responses import JSONResponse, Response
 
 from . import __version__
 from .engine import EngineFrontend
-from .errors import APIError, BodyTooLarge, error_body, install_handlers
+from .errors import APIError, BodyTooLarge, error_body, from_engine_exception, install_handlers, log_unexpected
 from .metrics import ServerMetrics
+from .openapi import build_openapi
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from .serving import ClientGone, create_chat_completion, create_completion
 
@@ -44,7 +53,13 @@ class GuardMiddleware:
         self.app = app
         self.metrics = metrics
         self.api_key = api_key
+        # The key is compared as SHA-256 digests: `compare_digest` on equal-length inputs takes the same time
+        # wherever they differ, and hashing first hides the key's length too.
+        self._key_digest = hashlib.sha256(api_key.encode()).digest() if api_key is not None else None
         self.max_body_bytes = max_body_bytes
+
+    def key_matches(self, token: bytes) -> bool:
+        return hmac.compare_digest(hashlib.sha256(token).digest(), self._key_digest)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -62,6 +77,14 @@ class GuardMiddleware:
 
         try:
             await self._guarded(scope, receive, tracked_send, path)
+        except Exception as exc:  # noqa: BLE001
+            # A bug somewhere below.  The app's catch-all handler has answered (500 in OpenAI's shape) when it
+            # could, and Starlette re-raises for the server to log; we log here instead, without the exception's
+            # message (it may quote the request body), so uvicorn's full-traceback log never sees it.
+            log_unexpected(exc, scope.get("method", "?"), path)
+            if state["status"] is None:
+                err = from_engine_exception(exc)
+                await _send_error(tracked_send, err.status, err.message, code=err.code)
         finally:
             # 499 (nginx's "client closed request"): the response was cut short because the client went away.
             status = state["status"] if state["complete"] else 499
@@ -80,7 +103,7 @@ class GuardMiddleware:
             if not auth:
                 return await _send_error(send, 401, "missing API key: send 'Authorization: Bearer <key>'",
                                          code="missing_api_key", headers=[(b"www-authenticate", b"Bearer")])
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            if scheme.lower() != "bearer" or not self.key_matches(token.strip().encode("latin-1")):
                 return await _send_error(send, 401, "invalid API key", code="invalid_api_key",
                                          headers=[(b"www-authenticate", b"Bearer")])
 
@@ -98,29 +121,74 @@ class GuardMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def check_content_type(value: str | None) -> None:
+    """415 unless the body is declared as JSON in UTF-8; no Content-Type at all is taken as JSON."""
+    if value is None or not value.strip():
+        return
+    media, _, params = value.partition(";")
+    media = media.strip().lower()
+    shown = media[:80]
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        raise APIError(415, f"unsupported Content-Type '{shown}': send the body as JSON with "
+                            f"'Content-Type: application/json'", code="unsupported_media_type")
+    for param in params.split(";"):
+        key, _, val = param.partition("=")
+        charset = val.strip().strip('"').lower()
+        if key.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            raise APIError(415, f"unsupported charset '{charset[:40]}': JSON bodies must be UTF-8",
+                           code="unsupported_media_type")
+
+
+def _json_error(body: bytes, detail: str) -> APIError:
+    if "recursion limit" in detail:
+        msg = "the request body's JSON nests arrays/objects too deeply"
+    elif "surrogate" in detail or ("hex escape" in detail and _SURROGATE_ESCAPE.search(body)):
+        msg = "the request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff); strings must be " \
+              "valid Unicode"
+    elif "unicode code point" in detail:
+        msg = "the request body is not valid UTF-8"
+    else:
+        msg = "the request body is not valid JSON"
+    return APIError(400, f"{msg} ({detail})", code="invalid_json")
+
+
 async def _parse(raw: Request, model):
-    """The JSON body as `model`, whatever the Content-Type says (curl -d sends form-urlencoded by default)."""
+    """The body as `model`: Content-Type checked (415), then parsed and validated in one step (400)."""
+    check_content_type(raw.headers.get("content-type"))
     body = await raw.body()
+    if body.startswith(codecs.BOM_UTF8):  # allowed to be ignored (RFC 8259 section 8.1); some Windows tools send it
+        body = body[len(codecs.BOM_UTF8):]
     try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
-                       code="invalid_json")
-    try:
-        return model.model_validate(data)
+        return model.model_validate_json(body)
     except ValidationError as e:
-        raise RequestValidationError(e.errors()) from None
+        errors = e.errors(include_url=False)
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            raise _json_error(body, str(first.get("ctx", {}).get("error", "parse error"))) from None
+        if first.get("type") == "model_type" and not first.get("loc"):
+            raise APIError(400, "the request body must be a JSON object", code="invalid_json") from None
+        raise RequestValidationError(errors) from None
 
 
 def create_app(fe: EngineFrontend, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                metrics: ServerMetrics | None = None) -> FastAPI:
     metrics = metrics or ServerMetrics()
+    # FastAPI's own document cannot see the request models (the endpoints parse their bodies themselves), and no
+    # docs UI is served; /openapi.json below is written out by openapi.py.
     app = FastAPI(title="lckv-serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.frontend = fe
     app.state.metrics = metrics
     install_handlers(app)
+    openapi_doc: dict = {}
+
+    @app.get("/openapi.json")
+    async def openapi():
+        if not openapi_doc:
+            openapi_doc.update(build_openapi(fe, version=__version__, api_key=api_key is not None))
+        return JSONResponse(openapi_doc)
 
     @app.get("/health")
     async def health():

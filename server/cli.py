@@ -8,11 +8,17 @@ engine arguments (`AsyncEngineArgs.add_cli_args`: --dtype, --max-model-len, --se
 Start-up order: bind the socket (a busy port fails in a second, not after the engine's start-up), start the engine,
 then uvicorn.  SIGTERM or SIGINT: stop accepting, let running requests finish (up to --graceful-timeout seconds),
 shut the engine down, exit 0.
+
+If the engine stops (an exception in the model, its process killed): requests in flight fail with 500, /health
+answers 503 for --engine-death-grace seconds, then the server shuts down and exits with status ENGINE_DEAD_EXIT (70)
+so that a supervisor (systemd `Restart=on-failure`, Kubernetes, docker `--restart`) starts a fresh one.  vLLM's
+engine cannot drop one failed batch and go on, so restarting is the only recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -22,6 +28,7 @@ import sys
 logger = logging.getLogger("lckv_vllm.server")
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise: the server has no TLS and an optional key
+ENGINE_DEAD_EXIT = 70  # EX_SOFTWARE: the engine stopped under the server; a supervisor should restart it
 
 
 class _Terminated(BaseException):
@@ -49,6 +56,14 @@ def make_parser():
                           "beyond that answer 503 with Retry-After (default: no limit)")
     srv.add_argument("--max-body-bytes", type=int, default=4 << 20,
                      help="largest accepted request body; larger ones get 413 (default: %(default)s)")
+    srv.add_argument("--max-n", type=int, default=None, metavar="N",
+                     help="largest n (choices per prompt) a request may ask for (default and upper bound: 128)")
+    srv.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
+                     help="largest max_tokens a request may ask for; a request without max_tokens gets at most "
+                          "this many (default: the context length)")
+    srv.add_argument("--engine-death-grace", type=float, default=2.0, metavar="SECONDS",
+                     help="when the engine stops, keep answering (503 on /health, 500 on requests) this long, "
+                          f"then exit with status {ENGINE_DEAD_EXIT} (default: %(default)s)")
     srv.add_argument("--graceful-timeout", type=float, default=10.0,
                      help="seconds to let running requests finish on SIGTERM (default: %(default)s)")
     srv.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -67,8 +82,27 @@ def parse_args(argv: list[str] | None = None):
         parser.error("--max-queued-requests must be >= 0")
     if args.max_body_bytes < 1024:
         parser.error("--max-body-bytes must be at least 1024")
+    if args.max_n is not None and not 1 <= args.max_n <= 128:
+        parser.error("--max-n must be between 1 and 128")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        parser.error("--max-tokens-limit must be >= 1")
+    if args.engine_death_grace < 0:
+        parser.error("--engine-death-grace must be >= 0")
     args.model = args.model_tag  # vLLM's engine args take the model as --model; ours is positional
     return args
+
+
+def reachability(host: str) -> str:
+    """Who can connect to `host`, in words, for the start-up log."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return "a host name: reachable wherever it resolves to a non-loopback address"
+    if ip.is_loopback:
+        return "loopback only: other machines cannot connect (--host 0.0.0.0 opens it to them)"
+    if ip.is_unspecified:
+        return "all interfaces: other machines can connect"
+    return "this interface: other machines on its network can connect"
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -88,33 +122,67 @@ async def _serve(args, sock: socket.socket, state: dict) -> None:
 
     from .app import create_app
     from .engine import EngineFrontend
+    from .faults import ENV as FAULT_ENV
+    from .faults import EXTENSION as FAULT_EXTENSION
+    from .faults import fault_tokens_from_env
     from .metrics import EngineStats
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
+    fault = fault_tokens_from_env()
+    if fault:
+        if engine_args.worker_extension_cls:
+            raise SystemExit(f"lckv-serve: {FAULT_ENV} needs --worker-extension-cls for itself")
+        logger.warning("lckv-serve: %s is set: requests whose prompt contains token ids %s make the engine fail "
+                       "(fault injection, for tests only)", FAULT_ENV, fault)
+        engine_args.worker_extension_cls = FAULT_EXTENSION
     stats = EngineStats()
     engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
                                        stat_loggers=[stats.stat_logger_factory()])
     fe = None
+    watchdog = None
     try:
+        if fault:
+            await engine.collective_rpc("lckv_arm_fault", args=(fault,))
         names = args.served_model_name or [args.model]
         names = [names] if isinstance(names, str) else list(names)
         fe = EngineFrontend(engine, served_model_names=names, model_path=args.model,
-                            max_queued_requests=args.max_queued_requests, stats=stats)
+                            max_queued_requests=args.max_queued_requests, stats=stats, max_n=args.max_n,
+                            max_tokens_limit=args.max_tokens_limit)
         app = create_app(fe, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=args.access_log,
                                 timeout_graceful_shutdown=args.graceful_timeout, timeout_keep_alive=5)
         server = uvicorn.Server(config)
         kv = fe.kv
-        logger.info("lckv-serve: model %s as %s on http://%s:%d (KV: %d of %d layers keep KV, %d bytes/token, "
-                    "capacity %s tokens)%s", args.model, names, args.host, args.port, kv.producing_layers,
-                    kv.layers, kv.bytes_per_token, kv.capacity_tokens,
-                    "; API key required" if args.api_key else "")
+        logger.info("lckv-serve: model %s as %s on http://%s:%d (%s; %s) (KV: %d of %d layers keep KV, "
+                    "%d bytes/token, capacity %s tokens)", args.model, names, args.host, args.port,
+                    reachability(args.host), "API key required on /v1/*" if args.api_key else "no API key",
+                    kv.producing_layers, kv.layers, kv.bytes_per_token, kv.capacity_tokens)
+        if not args.api_key and not reachability(args.host).startswith("loopback"):
+            logger.warning("lckv-serve: listening beyond loopback without an API key: anyone who can reach "
+                           "%s:%d can use the model (set LCKV_API_KEY)", args.host, args.port)
+        watchdog = asyncio.get_running_loop().create_task(_watch_engine(fe, server, args.engine_death_grace, state))
         state["serving"] = True
         await server.serve(sockets=[sock])
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         if fe is not None:
             fe.shutdown()
         engine.shutdown()
+
+
+async def _watch_engine(fe, server, grace: float, state: dict, interval: float = 0.25) -> None:
+    """Once the engine has stopped: keep answering for `grace` seconds (/health 503), then shut the server down;
+    main() then exits with ENGINE_DEAD_EXIT."""
+    while not server.should_exit:
+        if not fe.healthy:
+            state["engine_dead"] = True
+            logger.error("lckv-serve: the engine has stopped; /health answers 503, requests 500; exiting with "
+                         "status %d in %.1f s so that a supervisor restarts the server", ENGINE_DEAD_EXIT, grace)
+            await asyncio.sleep(grace)
+            server.should_exit = True
+            return
+        await asyncio.sleep(interval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,9 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"lckv-serve: cannot bind {args.host}:{args.port}: {e}", file=sys.stderr)
             return 1
+        logger.info("lckv-serve: bound %s:%d (%s); starting the engine", args.host, args.port,
+                    reachability(args.host))
         asyncio.run(_serve(args, sock, state))
     except _Terminated:
         logger.info("lckv-serve: stopped by signal during start-up")
+    if state.get("engine_dead"):
+        logger.error("lckv-serve: exiting with status %d: the engine had stopped", ENGINE_DEAD_EXIT)
+        return ENGINE_DEAD_EXIT
     return 0
 
 

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 
 from .errors import APIError
 from .metrics import EngineStats, KVLayout
+from .schemas import MAX_N
 
 logger = logging.getLogger("lckv_vllm.server")
 
@@ -42,7 +43,8 @@ class Job:
 
 class EngineFrontend:
     def __init__(self, engine, *, served_model_names: list[str], model_path: str,
-                 max_queued_requests: int | None = None, stats: EngineStats | None = None) -> None:
+                 max_queued_requests: int | None = None, stats: EngineStats | None = None,
+                 max_n: int | None = None, max_tokens_limit: int | None = None) -> None:
         self.engine = engine
         vc = engine.vllm_config
         mc = engine.model_config
@@ -62,6 +64,9 @@ class EngineFrontend:
         self.max_queued_requests = max_queued_requests
         self.capacity = None if max_queued_requests is None else self.max_num_seqs + max_queued_requests
         self.admitted = 0
+        # Per-request caps (--max-n, --max-tokens-limit): choices per prompt, and tokens generated per choice.
+        self.max_n = min(max_n or MAX_N, MAX_N)
+        self.max_tokens_limit = max_tokens_limit
         # Tokenization stays off the event loop (a long prompt takes milliseconds).  vLLM's tokenizer is thread-safe
         # (it routes calls through a pool of copies); one worker is enough and keeps CPU use bounded.
         self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="lckv-tokenizer")
@@ -70,9 +75,16 @@ class EngineFrontend:
     def resolve_model(self, name: str | None) -> str:
         if name is None or name in self.served_model_names:
             return name or self.model_name
-        raise APIError(404, f"the model '{name}' does not exist; this server serves "
+        shown = name if len(name) <= 100 else name[:100] + "..."
+        raise APIError(404, f"the model '{shown}' does not exist; this server serves "
                             f"{', '.join(repr(n) for n in self.served_model_names)}", param="model",
                        code="model_not_found")
+
+    @property
+    def max_tokens_cap(self) -> int:
+        """The largest max_tokens any request may ask for: the context less one prompt token, or the cap."""
+        cap = self.max_model_len - 1
+        return cap if self.max_tokens_limit is None else min(cap, self.max_tokens_limit)
 
     @property
     def healthy(self) -> bool:

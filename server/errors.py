@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from http import HTTPStatus
 from typing import Any
 
@@ -27,6 +28,7 @@ ERROR_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
@@ -57,7 +59,16 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def _printable(text: str | None, limit: int = 2000) -> str | None:
+    """Clip a message, and make it encodable: one that quotes the request must never fail to encode as UTF-8."""
+    if text is None:
+        return None
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    message, param = _printable(message), _printable(param, 200)
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error" if status >= 500
                                                                   else "invalid_request_error"),
                       "param": param, "code": code}}
@@ -101,6 +112,19 @@ def from_engine_exception(e: BaseException) -> APIError:
         detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
         return APIError(500, f"the inference engine failed on this request{detail}", code="engine_error")
     return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error")
+
+
+def log_unexpected(exc: BaseException, method: str, path: str) -> None:
+    """Log a bug's type and stack, but not its message: messages of exceptions raised while handling a request
+    (KeyError('...'), UnicodeEncodeError, pydantic's) may quote the request body, and the log must not."""
+    chain, seen, e = [], set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(type(e).__qualname__)
+        e = e.__cause__ or e.__context__
+    stack = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+    logger.error("unhandled %s on %s %s (exception messages withheld from the log; the client got them in its "
+                 "500)\nTraceback (most recent call last):\n%s", " <- ".join(chain), method, path, stack.rstrip())
 
 
 def _loc_to_param(loc: tuple) -> str | None:
@@ -150,5 +174,5 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
-        logger.exception("unhandled error")
+        # Starlette re-raises the exception after this answer; app.GuardMiddleware logs it (without its message).
         return error_response(from_engine_exception(exc))

@@ -5,6 +5,10 @@ model (context length, vocabulary, the engine's logprob limit) is checked in `se
 ignored, as OpenAI-compatible servers commonly do, so clients that send newer fields keep working; fields we cannot
 honour (`suffix`, `tools`, non-text `response_format`, ...) are declared so that asking for them is an error rather
 than being silently dropped.
+
+Requests are validated strictly, from the JSON text (`model_validate_json`): a field declared as an integer takes a
+JSON integer only (not `true`, `2.5` or `"2"`), a boolean only `true`/`false`, a string only a string.  What the
+schema accepts is what the published OpenAPI document (`/openapi.json`) says.
 """
 
 from __future__ import annotations
@@ -12,16 +16,37 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-MAX_N = 128  # choices per request; more is almost certainly a client bug
+MAX_N = 128  # choices per request; more is almost certainly a client bug (--max-n lowers it)
 MAX_STOP = 16
+MAX_PROMPTS = 256  # prompts in one batched /v1/completions request
+MAX_TOP_K = 2**31 - 1  # past the int32 the engine's tensors use; larger means "all tokens" anyway
 
 Prob = Annotated[float, Field(allow_inf_nan=False)]
 
 
+def _integral(v):
+    """JSON Schema counts 2.0 as an integer, and so do we; 2.5, "2" and true stay errors (strict mode)."""
+    if type(v) is float and v.is_integer() and abs(v) < 2.0**64:
+        return int(v)
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):
@@ -32,14 +57,14 @@ class SamplingFields(_Request):
     """Sampling fields shared by completions and chat (OpenAI names, plus vLLM's extras)."""
 
     model: str | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
     temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[Int, Field(ge=-1, le=MAX_TOP_K)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
-    stop_token_ids: list[StrictInt] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
+    stop_token_ids: list[Int] | None = None
+    seed: Annotated[Int, Field(ge=-(2**63), lt=2**64)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
@@ -49,7 +74,7 @@ class SamplingFields(_Request):
     user: str | None = None
     # vLLM extras (OpenAI clients send them through `extra_body`)
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[Int, Field(ge=0)] = 0
 
     @field_validator("stop")
     @classmethod
@@ -74,19 +99,19 @@ class SamplingFields(_Request):
 
 PromptInput = Union[
     StrictStr,
-    Annotated[list[StrictStr], Field(min_length=1)],
-    Annotated[list[StrictInt], Field(min_length=1)],
-    Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]], Field(min_length=1)],
+    Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)],
+    Annotated[list[int], Field(min_length=1)],
+    Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)],
 ]
 
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    logprobs: Annotated[int, Field(ge=0)] | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = 16
+    logprobs: Annotated[Int, Field(ge=0)] | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: Annotated[int, Field(ge=1)] | None = None
+    best_of: Annotated[Int, Field(ge=1)] | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -101,11 +126,14 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"the prompt must be {forms}, got {type(v).__name__}")
         if not v:
             raise ValueError("the prompt list is empty")
+        if len(v) > MAX_PROMPTS and not all(type(x) is int for x in v):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
         if all(isinstance(x, str) for x in v):
             empty = next((i for i, x in enumerate(v) if x == ""), None)
             if empty is not None:
                 raise ValueError(f"prompt {empty} is empty")
             return v
+        v = [[_integral(t) for t in x] if isinstance(x, list) else _integral(x) for x in v]
         if all(type(x) is int for x in v):
             return v
         if all(isinstance(x, list) for x in v):
@@ -144,10 +172,10 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[Int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0)] | None = None
+    top_logprobs: Annotated[Int, Field(ge=0)] | None = None
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -286,3 +314,26 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every non-2xx answer of the server (OpenAI's error shape)."""
+
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class VersionResponse(BaseModel):
+    version: str
+    lckv_vllm: str
+    vllm: str

@@ -119,12 +119,32 @@ def _context_check(fe: EngineFrontend, prompt_len: int, max_tokens: int | None, 
                           f"tokens (it must be shorter than {limit} to leave room for one generated token)",
                           param=param, code="context_length_exceeded")
     if max_tokens is None:
-        return limit - prompt_len
+        rest = limit - prompt_len
+        return rest if fe.max_tokens_limit is None else min(rest, fe.max_tokens_limit)
     if prompt_len + max_tokens > limit:
         raise bad_request(f"this model's maximum context length is {limit} tokens, but {what} has {prompt_len} "
                           f"tokens and max_tokens asks for {max_tokens} more ({prompt_len + max_tokens} in total)",
                           param="max_tokens", code="context_length_exceeded")
     return max_tokens
+
+
+def _check_caps(fe: EngineFrontend, req: SamplingFields, max_tokens: int | None, explicit: bool,
+                param: str) -> int | None:
+    """--max-n and --max-tokens-limit, checked before any tokenization; returns max_tokens (a default that is over
+    the limit is lowered to it, an explicit one is an error)."""
+    if req.n > fe.max_n:
+        raise bad_request(f"n must be at most {fe.max_n} on this server, got {req.n}", param="n")
+    limit = fe.max_tokens_limit
+    if limit is not None and max_tokens is not None and max_tokens > limit:
+        if explicit:
+            raise bad_request(f"{param} must be at most {limit} on this server, got {max_tokens}", param=param)
+        return limit
+    return max_tokens
+
+
+def _logprob(x: float) -> float:
+    """A logprob JSON can carry: -inf (and NaN, should a model produce one) become -9999.0 as in OpenAI's API."""
+    return x if x >= -9999.0 else -9999.0  # False for NaN too
 
 
 def _sampling_params(fe: EngineFrontend, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
@@ -260,8 +280,8 @@ def _completion_logprobs(fe: EngineFrontend, token_ids, logprobs, offset: int) -
             chosen = lp_dict.get(tid)
             tok = _token_str(fe, tid, chosen)
             out.tokens.append(tok)
-            out.token_logprobs.append(max(chosen.logprob, -9999.0) if chosen is not None else None)
-            out.top_logprobs.append({_token_str(fe, t, lp): max(lp.logprob, -9999.0) for t, lp in lp_dict.items()})
+            out.token_logprobs.append(_logprob(chosen.logprob) if chosen is not None else None)
+            out.top_logprobs.append({_token_str(fe, t, lp): _logprob(lp.logprob) for t, lp in lp_dict.items()})
         out.text_offset.append(offset)
         offset += len(tok)
     return out
@@ -273,9 +293,9 @@ def _chat_logprobs(fe: EngineFrontend, token_ids, logprobs, top_n: int) -> ChatL
         chosen = lp_dict.get(tid)
         tok = _token_str(fe, tid, chosen)
         ranked = sorted(lp_dict.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30))
-        top = [TopLogprob(token=_token_str(fe, t, lp), logprob=max(lp.logprob, -9999.0),
+        top = [TopLogprob(token=_token_str(fe, t, lp), logprob=_logprob(lp.logprob),
                           bytes=list(_token_str(fe, t, lp).encode("utf-8"))) for t, lp in ranked[:top_n]]
-        content.append(TokenLogprob(token=tok, logprob=max(chosen.logprob, -9999.0) if chosen else -9999.0,
+        content.append(TokenLogprob(token=tok, logprob=_logprob(chosen.logprob) if chosen else -9999.0,
                                     bytes=list(tok.encode("utf-8")), top_logprobs=top))
     return ChatLogprobs(content=content)
 
@@ -332,14 +352,13 @@ async def _completion_jobs(fe: EngineFrontend, req: CompletionRequest, base_id: 
 async def create_completion(fe: EngineFrontend, metrics: ServerMetrics, req: CompletionRequest,
                             raw: Request) -> Response:
     model = fe.resolve_model(req.model)
+    requested = _check_caps(fe, req, req.max_tokens, "max_tokens" in req.model_fields_set, "max_tokens")
     base_id = f"cmpl-{uuid.uuid4().hex}"
     jobs = await _completion_jobs(fe, req, base_id)
-    max_tokens = req.max_tokens
-    for i, job in enumerate(jobs):
-        what = "the prompt" if len(jobs) == 1 else f"prompt {i}"
-        max_tokens = _context_check(fe, len(job.prompt_ids), req.max_tokens, what, "prompt")
-    if req.max_tokens is None:  # per prompt "the rest of the context": take the smallest so all of them fit
-        max_tokens = min(fe.max_model_len - len(j.prompt_ids) for j in jobs)
+    # per prompt; with max_tokens null "the rest of the context": the smallest, so that all of them fit
+    max_tokens = min(_context_check(fe, len(job.prompt_ids), requested,
+                                    "the prompt" if len(jobs) == 1 else f"prompt {i}", "prompt")
+                     for i, job in enumerate(jobs))
     params = _sampling_params(fe, req, max_tokens=max_tokens, logprobs=req.logprobs,
                               prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None)
     sequences = len(jobs) * req.n
@@ -446,6 +465,8 @@ async def _stream_events(run, stream, render, usage) -> AsyncIterator[str]:
 async def create_chat_completion(fe: EngineFrontend, metrics: ServerMetrics, req: ChatCompletionRequest,
                                  raw: Request) -> Response:
     model = fe.resolve_model(req.model)
+    requested = _check_caps(fe, req, req.token_limit, True,
+                            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     base_id = f"chatcmpl-{uuid.uuid4().hex}"
     messages = []
     for m in req.messages:
@@ -454,7 +475,7 @@ async def create_chat_completion(fe: EngineFrontend, metrics: ServerMetrics, req
             msg["name"] = m.name
         messages.append(msg)
     text, ids = await fe.render_chat(messages, req.add_generation_prompt)
-    max_tokens = _context_check(fe, len(ids), req.token_limit, "the conversation (after the chat template)",
+    max_tokens = _context_check(fe, len(ids), requested, "the conversation (after the chat template)",
                                 "messages")
     top_n = req.top_logprobs or 0
     params = _sampling_params(fe, req, max_tokens=max_tokens, logprobs=top_n if req.logprobs else None,
