@@ -44,6 +44,7 @@ from . import resume
 from . import vllm_patches as vp
 from .attention.base import AttentionPath
 from .attention.select import select_path
+from .attention.step import pass_substep
 from .plan import LayerPlan, plan_from_config
 from .settings import Settings, load_settings
 
@@ -304,11 +305,30 @@ class LCKVModel(nn.Module):
                     # With one pass (a decode-only step) nothing reads a slot of this step before its producer
                     # writes it: readers below the producer are strict, the producer writes before it reads.
                     self._zero_producer_slots(seg, step)
-                # Every pass restarts from the segment's input (the segment does not modify its input).
-                seg_in = hidden
-                for _ in range(passes):
-                    hidden = run(positions, seg_in)
+                hidden = self._iterate(run, positions, hidden, step, passes)
         return self.norm(hidden)
+
+    def _iterate(self, run, positions, seg_in, step, passes: int):
+        """`passes` passes of a cyclic segment over the step's tokens, every pass from the same segment input.
+
+        Pass economy: after pass k the first k tokens of each query are exact and stay so, so pass k+1 runs only
+        over the rows that can still change (`attention.step.pass_substep`), with the exact ones read from the pages
+        as context; a decode row batched with a prompt runs once, not m+b times.  `Settings.pass_economy=False`
+        (`LCKV_PASS_ECONOMY=0`) runs every pass over every row, as the plain iterative encoding is written.
+        """
+        out = run(positions, seg_in)
+        for k in range(2, passes + 1):
+            if not self.settings.pass_economy:
+                out = run(positions, seg_in)
+                continue
+            part = pass_substep(step, k)
+            if part is None:
+                break
+            rows, sub = part
+            with vp.metadata_swapped(sub):
+                h = run(positions.index_select(0, rows), seg_in.index_select(0, rows))
+            out.index_copy_(0, rows, h)
+        return out
 
     def _zero_producer_slots(self, seg, step) -> None:
         """The starting point of an iterative encoding: this step's K/V of the segment's producers are zeros."""
@@ -323,8 +343,7 @@ class LCKVModel(nn.Module):
             with vp.metadata_swapped(part.step):
                 self._zero_producer_slots(seg, part.step)
                 seg_in, pos = hidden.index_select(0, part.rows), positions.index_select(0, part.rows)
-                for _ in range(part.passes):
-                    h = run(pos, seg_in)
+                h = self._iterate(run, pos, seg_in, part.step, part.passes)
             out.index_copy_(0, part.rows, h)
         return out
 

@@ -1,12 +1,15 @@
 """The plugin's switches, resolved once into one frozen `Settings` object.
 
-Three switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
+Four switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
 
 * `LCKV_ATTENTION_IMPL` = auto | cpu | torch | triton: who does the attention math (`attention/select.py`);
 * `LCKV_EXACT_RECOMPUTE` (config `lckv_exact_recompute`, default on): exact re-encoding after preemption for cyclic
   plans (`resume.py`);
 * `LCKV_CHUNKED_PREFILL` (config `lckv_chunked_prefill`, default off): let cyclic plans use chunked prefill and prefix
-  caching, with chunk-by-chunk semantics (`vllm_patches.py`, item 1).
+  caching, with chunk-by-chunk semantics (`vllm_patches.py`, item 1);
+* `LCKV_PASS_ECONOMY` (config `lckv_pass_economy`, default on): passes after the first of an iterative prefill run
+  only over rows that can still change (`model.LCKVModel._iterate`); off runs every pass over every row, the same
+  result at a higher cost: kept to measure the economy and as a fallback.
 
 Why one place: the model reads the settings when vLLM builds it and keeps them for the engine's life, so two engines
 in one process may differ and no step ever reads the environment.  The environment wins over the config field.
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 ATTENTION_IMPL_ENV = "LCKV_ATTENTION_IMPL"
 EXACT_RECOMPUTE_ENV = "LCKV_EXACT_RECOMPUTE"
 CHUNKED_PREFILL_ENV = "LCKV_CHUNKED_PREFILL"
+PASS_ECONOMY_ENV = "LCKV_PASS_ECONOMY"
 
 ATTENTION_IMPLS = ("auto", "cpu", "torch", "triton")
 _TRUE = ("1", "true", "yes", "on")
@@ -32,6 +36,7 @@ class Settings:
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS; "auto" is resolved per device by attention/select.py
     exact_recompute: bool = True
     chunked_prefill: bool = False
+    pass_economy: bool = True
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool | None:
@@ -54,13 +59,17 @@ def attention_impl_choice(environ: Mapping[str, str] | None = None) -> str:
     return choice
 
 
+def _switch(environ: Mapping[str, str], name: str, hf_config, field: str, default: bool) -> bool:
+    value = _flag(environ, name)
+    return bool(getattr(hf_config, field, default)) if value is None else value
+
+
 def load_settings(hf_config=None, environ: Mapping[str, str] | None = None) -> Settings:
     """The settings for one engine: the environment, then the config's `lckv_*` fields, then the defaults."""
     environ = os.environ if environ is None else environ
-    exact = _flag(environ, EXACT_RECOMPUTE_ENV)
-    if exact is None:
-        exact = bool(getattr(hf_config, "lckv_exact_recompute", True))
-    chunked = _flag(environ, CHUNKED_PREFILL_ENV)
-    if chunked is None:
-        chunked = bool(getattr(hf_config, "lckv_chunked_prefill", False))
-    return Settings(attention_impl=attention_impl_choice(environ), exact_recompute=exact, chunked_prefill=chunked)
+    return Settings(
+        attention_impl=attention_impl_choice(environ),
+        exact_recompute=_switch(environ, EXACT_RECOMPUTE_ENV, hf_config, "lckv_exact_recompute", True),
+        chunked_prefill=_switch(environ, CHUNKED_PREFILL_ENV, hf_config, "lckv_chunked_prefill", False),
+        pass_economy=_switch(environ, PASS_ECONOMY_ENV, hf_config, "lckv_pass_economy", True),
+    )

@@ -80,3 +80,31 @@ def generate(llm, prompts, max_tokens=16):
         res.append((list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)],
                     o.num_cached_tokens or 0))
     return res
+
+
+def generate_staggered(llm, arrivals, max_tokens=16):
+    """Greedy generation with requests arriving while others run: `arrivals` is [(engine step index, token ids)].
+
+    Drives the engine step by step (`LLMEngine.add_request` / `step`), so a prompt that arrives at step k is
+    scheduled together with the decodes of the requests already running.  Returns [(token ids, logprobs)] in
+    arrival order."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    eng = llm.llm_engine
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
+    pending = sorted(enumerate(arrivals), key=lambda x: x[1][0])
+    done: dict = {}
+    step = 0
+    while pending or eng.has_unfinished_requests():
+        while pending and pending[0][1][0] <= step:
+            i, (_, prompt) = pending.pop(0)
+            eng.add_request(f"staggered-{i}", TokensPrompt(prompt_token_ids=prompt), sp)
+        for out in eng.step():
+            if out.finished:
+                c = out.outputs[0]
+                done[int(out.request_id.split("-")[1])] = (
+                    list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)])
+        step += 1
+        assert step < 10_000
+    return [done[i] for i in range(len(arrivals))]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import BLOCK_SIZE, generate, model_of, random_prompt
+from conftest import BLOCK_SIZE, generate, generate_staggered, model_of, random_prompt
 from lckv_vllm.checkpoint import export_llama
 from lckv_vllm.reference import ReferenceModel
 
@@ -224,3 +224,33 @@ def test_use_sequential_encodes_token_by_token(engine, model_dir, tmp_path):
     assert results[0][0][0] == int(seq_logits.argmax())
     iterative = ReferenceModel(model_dir("tiny-w2")).generate(prompts[0], 8)
     assert iterative != ref.generate(prompts[0], 8)  # the setting changes what is served
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_prompt_admitted_among_running_decodes_matches_reference(engine, model_dir, impl, monkeypatch):
+    """A cyclic plan: four sequences decode while a 40-token prompt (and a 6-token one) arrive; the steps that mix
+    them run the extra passes only over rows that can still change (never the decode rows), and every request
+    equals the reference token for token and logprob for logprob."""
+    from lckv_vllm.attention.step import pass_substep
+    from lckv_vllm.model import LCKVModel
+
+    llm = engine("tiny-w2") if impl == "auto" else engine("tiny-w2", env={"LCKV_ATTENTION_IMPL": impl})
+    mixed = []
+    original = LCKVModel._iterate
+
+    def spy(self, run, positions, seg_in, step, passes):
+        if passes > 1 and bool((step.query_lens_cpu == 1).any()):
+            second = pass_substep(step, 2)
+            mixed.append((step.query_lens_cpu.tolist(), second[1].query_lens_cpu.tolist()))
+        return original(self, run, positions, seg_in, step, passes)
+
+    monkeypatch.setattr(LCKVModel, "_iterate", spy)
+    decoding = [random_prompt(n, seed=100 + n) for n in (3, 11, 20, 7)]
+    arrivals = [(0, p) for p in decoding] + [(4, random_prompt(40, seed=140)), (9, random_prompt(6, seed=141))]
+    results = generate_staggered(llm, arrivals, max_tokens=24)
+    assert mixed, "no step mixed a prompt with running decodes"
+    for q_lens, second_pass in mixed:
+        assert sum(1 for q in q_lens if q == 1) >= 4  # at least four decodes in the step
+        assert 1 not in second_pass and len(second_pass) < len(q_lens)  # decode rows ran one pass only
+    ref = reference(model_dir, "tiny-w2")
+    check_against_reference([(t, lp, 0) for t, lp in results], [ref.generate(p, 24) for _, p in arrivals])

@@ -50,6 +50,7 @@ class LCKVStep:
     torch_index: object = None
     cpu_state: object = None
     gathered: object = None  # torch path: (pages data_ptr, kv_version, gathered copy)
+    later_passes: dict | None = None  # pass k -> (rows, sub-step) of the rows that pass k must recompute
     kv_version: int = 0  # bumped by every write to any pages during the step: invalidates `gathered`
 
     @property
@@ -90,6 +91,25 @@ def make_step(*, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_ta
         starts_at_zero=at_zero,
         any_starts_at_zero=bool(at_zero.any()),
     )
+
+
+def pass_substep(step: LCKVStep, k: int) -> tuple[torch.Tensor, LCKVStep] | None:
+    """The rows pass `k` (2, 3, ...) of an iterative prefill must recompute, as a sub-step, or None if no row needs it.
+
+    After pass k-1 the first k-1 tokens of every query of the step are exact (a decode row after pass 1), so pass k
+    recomputes only each query's tokens from index k-1 on; the exact ones are context, already final in the pages.
+    Cached on the step: every cyclic segment of the step uses the same sub-steps.
+    """
+    if step.later_passes is None:
+        step.later_passes = {}
+    if k not in step.later_passes:
+        q_lens = step.query_lens_cpu
+        reqs = (q_lens >= k).nonzero().flatten()
+        if reqs.numel() == 0:
+            step.later_passes[k] = None
+        else:
+            step.later_passes[k] = substep(step, reqs, torch.full_like(reqs, k - 1), q_lens[reqs] - (k - 1))
+    return step.later_passes[k]
 
 
 def substep(step: LCKVStep, reqs: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, LCKVStep]:
