@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from . import __version__
 from .engine import EngineFrontend
@@ -158,7 +159,10 @@ def _json_error(body: bytes, detail: str) -> APIError:
 async def _parse(raw: Request, model):
     """The body as `model`: Content-Type checked (415), then parsed and validated in one step (400)."""
     check_content_type(raw.headers.get("content-type"))
-    body = await raw.body()
+    try:
+        body = await raw.body()
+    except ClientDisconnect:  # the client went away half-way through sending its body
+        raise ClientGone() from None
     if body.startswith(codecs.BOM_UTF8):  # allowed to be ignored (RFC 8259 section 8.1); some Windows tools send it
         body = body[len(codecs.BOM_UTF8):]
     try:
@@ -220,16 +224,16 @@ def create_app(fe: EngineFrontend, *, api_key: str | None = None, max_body_bytes
 
     @app.post("/v1/completions")
     async def completions(raw: Request):
-        body = await _parse(raw, CompletionRequest)
         try:
+            body = await _parse(raw, CompletionRequest)
             return await create_completion(fe, metrics, body, raw)
         except ClientGone:
             return Response(status_code=499)
 
     @app.post("/v1/chat/completions")
     async def chat(raw: Request):
-        body = await _parse(raw, ChatCompletionRequest)
         try:
+            body = await _parse(raw, ChatCompletionRequest)
             return await create_chat_completion(fe, metrics, body, raw)
         except ClientGone:
             return Response(status_code=499)

@@ -31,6 +31,49 @@ DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise: the server has no 
 ENGINE_DEAD_EXIT = 70  # EX_SOFTWARE: the engine stopped under the server; a supervisor should restart it
 
 
+class _WithholdBatchDump(logging.Filter):
+    """vLLM's engine core logs the batch of a step that failed: request ids and lengths (not prompts), but also each
+    request's sampling parameters, whose stop strings and logit_bias come from request bodies.  That record is
+    replaced by a note; the error itself and its traceback are still logged.  Installed before the engine starts,
+    so the engine-core process (forked, vLLM's default) inherits it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Dumping scheduler output"):
+            record.msg = "(the failed step's scheduler output is withheld by lckv-serve: it holds request parameters)"
+            record.args = ()
+        return True
+
+
+def _withhold_batch_dump() -> str | None:
+    """Install `_WithholdBatchDump` here and in the engine's processes.  vLLM starts its engine core by `spawn` on
+    CPU, so a filter added in this process would not reach it; vLLM's logging set-up in every process reads
+    VLLM_LOGGING_CONFIG_PATH, so point that at vLLM's own default configuration plus the filter on its handler.
+    A configuration of the user's (VLLM_LOGGING_CONFIG_PATH already set) is left alone.  Returns the file to
+    remove at exit."""
+    import copy
+    import json
+    import tempfile
+
+    import vllm.envs as envs
+    from vllm.logger import DEFAULT_LOGGING_CONFIG
+
+    logging.getLogger("vllm.logging_utils.dump_input").addFilter(_WithholdBatchDump())
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH") or not envs.VLLM_CONFIGURE_LOGGING:
+        return None
+    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+    level = envs.VLLM_LOGGING_LEVEL
+    config["filters"] = {"lckv_withhold_batch": {"()": f"{__name__}._WithholdBatchDump"}}
+    handler = config["handlers"]["vllm"]
+    handler.update(filters=["lckv_withhold_batch"], level=level, stream=envs.VLLM_LOGGING_STREAM)
+    for formatter in config["formatters"].values():
+        formatter["log_level"] = level
+    config["loggers"]["vllm"]["level"] = level
+    with tempfile.NamedTemporaryFile("w", prefix="lckv-serve-logging-", suffix=".json", delete=False) as f:
+        json.dump(config, f)
+    os.environ["VLLM_LOGGING_CONFIG_PATH"] = f.name
+    return f.name
+
+
 class _Terminated(BaseException):
     """SIGTERM/SIGINT arrived before uvicorn took over signal handling (during the engine's start-up)."""
 
@@ -135,9 +178,15 @@ async def _serve(args, sock: socket.socket, state: dict) -> None:
         logger.warning("lckv-serve: %s is set: requests whose prompt contains token ids %s make the engine fail "
                        "(fault injection, for tests only)", FAULT_ENV, fault)
         engine_args.worker_extension_cls = FAULT_EXTENSION
+    log_config = _withhold_batch_dump()
     stats = EngineStats()
-    engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
-                                       stat_loggers=[stats.stat_logger_factory()])
+    try:
+        engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
+                                           stat_loggers=[stats.stat_logger_factory()])
+    finally:
+        if log_config is not None:  # the engine's processes have read it by now
+            os.environ.pop("VLLM_LOGGING_CONFIG_PATH", None)
+            os.unlink(log_config)
     fe = None
     watchdog = None
     try:
