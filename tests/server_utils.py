@@ -88,3 +88,55 @@ def parse_metrics(text: str) -> dict[str, float]:
             key, _, value = line.rpartition(" ")
             out[key] = float(value)
     return out
+
+
+class StubEngine:
+    """Just enough of AsyncLLM for the server, in-process: fails requests whose prompt contains 'FAIL' (one
+    request, the engine lives on), dies on 'DIE' (the engine is gone)."""
+
+    def __init__(self, tokenizer, max_model_len: int = 512):
+        from types import SimpleNamespace
+
+        import torch
+
+        self.tokenizer = tokenizer
+        self.dead = False
+        hf_config = SimpleNamespace(layer_types="0_4_4_4_4_5", num_hidden_layers=6)
+        self.model_config = SimpleNamespace(
+            max_model_len=max_model_len, max_logprobs=20, hf_config=hf_config, dtype=torch.float32,
+            get_vocab_size=lambda: 32000, get_diff_sampling_param=lambda: {},
+            get_num_kv_heads=lambda parallel_config: 2, get_head_size=lambda: 32)
+        self.vllm_config = SimpleNamespace(
+            model_config=self.model_config, parallel_config=None,
+            scheduler_config=SimpleNamespace(max_num_seqs=4),
+            cache_config=SimpleNamespace(num_gpu_blocks=10, block_size=16, cache_dtype="auto"))
+
+    @property
+    def errored(self):
+        return self.dead
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def get_num_unfinished_requests(self):
+        return 0
+
+    async def abort(self, request_id):
+        pass
+
+    async def generate(self, prompt, params, request_id):
+        from types import SimpleNamespace
+
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        text = self.tokenizer.decode(prompt["prompt_token_ids"])
+        if "DIE" in text:
+            self.dead = True
+            raise EngineDeadError()
+        if "FAIL" in text:
+            try:
+                raise RuntimeError("simulated kernel failure")
+            except RuntimeError as e:
+                raise EngineGenerateError() from e
+        yield SimpleNamespace(prompt_logprobs=None, finished=True, outputs=[SimpleNamespace(
+            index=0, text=" fine", token_ids=[1234], logprobs=None, finish_reason="length", stop_reason=None)])

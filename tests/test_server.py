@@ -12,12 +12,11 @@ import asyncio
 import json
 import threading
 import time
-from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from server_utils import BIN, free_port, parse_metrics, server_env, start_server
+from server_utils import BIN, StubEngine, free_port, parse_metrics, server_env, start_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -461,59 +460,12 @@ def test_sigterm_finishes_running_request_and_exits_0(server, http):
 # ---- engine failure (in-process, stand-in engine) --------------------------------------------------------------------
 
 
-class _StubEngine:
-    """Just enough of AsyncLLM for the server: fails requests whose prompt contains 'FAIL', dies on 'DIE'."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.dead = False
-        hf_config = SimpleNamespace(layer_types="0_4_4_4_4_5", num_hidden_layers=6)
-        import torch
-
-        self.model_config = SimpleNamespace(
-            max_model_len=MAX_MODEL_LEN, max_logprobs=20, hf_config=hf_config, dtype=torch.float32,
-            get_vocab_size=lambda: 32000, get_diff_sampling_param=lambda: {},
-            get_num_kv_heads=lambda parallel_config: 2, get_head_size=lambda: 32)
-        self.vllm_config = SimpleNamespace(
-            model_config=self.model_config, parallel_config=None,
-            scheduler_config=SimpleNamespace(max_num_seqs=4),
-            cache_config=SimpleNamespace(num_gpu_blocks=10, block_size=16, cache_dtype="auto"))
-
-    @property
-    def errored(self):
-        return self.dead
-
-    def get_tokenizer(self):
-        return self.tokenizer
-
-    def get_num_unfinished_requests(self):
-        return 0
-
-    async def abort(self, request_id):
-        pass
-
-    async def generate(self, prompt, params, request_id):
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-
-        text = self.tokenizer.decode(prompt["prompt_token_ids"])
-        if "DIE" in text:
-            self.dead = True
-            raise EngineDeadError()
-        if "FAIL" in text:
-            try:
-                raise RuntimeError("simulated kernel failure")
-            except RuntimeError as e:
-                raise EngineGenerateError() from e
-        yield SimpleNamespace(prompt_logprobs=None, finished=True, outputs=[SimpleNamespace(
-            index=0, text=" fine", token_ids=[1234], logprobs=None, finish_reason="length", stop_reason=None)])
-
-
 def test_engine_failure_is_500_and_server_keeps_answering(tokenizer):
     from lckv_vllm.server.app import create_app
     from lckv_vllm.server.engine import EngineFrontend
 
     async def run():
-        engine = _StubEngine(tokenizer)
+        engine = StubEngine(tokenizer, max_model_len=MAX_MODEL_LEN)
         fe = EngineFrontend(engine, served_model_names=[MODEL], model_path="stub")
         app = create_app(fe)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:

@@ -1,0 +1,119 @@
+"""Helpers shared by the reliability scripts (fuzz.py, storm.py, soak.py): start lckv-serve on a tiny model on a free
+loopback port, wait for it, read /metrics, stop it with SIGTERM.  Loopback only: every URL these scripts build is
+http://127.0.0.1:PORT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def model_path(spec: str, tmp: Path) -> Path:
+    """A checkpoint directory, or a preset name built into `tmp`."""
+    from lckv_vllm.checkpoint import PRESETS, make_preset
+
+    if spec in PRESETS:
+        return make_preset(spec, tmp / spec)
+    path = Path(spec)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    return path
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    """GET /metrics as {'name{labels}': value}."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def metrics(self) -> dict[str, float]:
+        return read_metrics(self.url)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def start_server(path: Path, log: Path, *, name: str = "tiny", api_key: str | None = None,
+                 extra: list[str] = (), timeout: float = 300) -> Server:
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    cmd = [str(BIN / "lckv-serve"), str(path), "--host", HOST, "--port", str(port), "--served-model-name", name,
+           "--dtype", "float32", "--block-size", "16", *extra]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    if api_key:
+        env["LCKV_API_KEY"] = api_key
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    srv = Server(proc, url, log)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"lckv-serve exited with {proc.returncode} before it was ready:\n{srv.log_tail()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return srv
+        except OSError:
+            time.sleep(0.5)
+    srv.stop(10)
+    raise SystemExit(f"lckv-serve not ready after {timeout:.0f} s:\n{srv.log_tail()}")
+
+
+def post_json(url: str, body: dict, api_key: str | None = None, timeout: float = 120) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def machine() -> dict:
+    import platform
+
+    import vllm
+
+    import lckv_vllm
+
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+            "python": platform.python_version(), "vllm": vllm.__version__, "lckv_vllm": lckv_vllm.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
