@@ -77,6 +77,10 @@ PRESETS: dict[str, ModelSpec] = dict(
         ("bench-w2", ModelSpec(layer_types=pattern("w2", 12), num_layers=12, hidden_size=256, num_heads=8,
                                num_kv_heads=8)),
     ]
+    # `lckv-vllm bench`'s shape: 22 layers like TinyLlama, hidden 256, GQA (8 query / 2 KV heads of 32); the five
+    # plans it compares (w10 is the released layout, with force_nodiag; sandwich-middle; CLA pairs)
+    + [_tiny(f"bench22-{name}", name, layers=22, hidden_size=256, num_heads=8, num_kv_heads=2,
+             force_nodiag=name == "w10") for name in ("identity", "w2", "w10", "sandwich", "cla")]
 )
 
 
