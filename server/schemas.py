@@ -42,7 +42,10 @@ def _integral(v):
     return v
 
 
-Int = Annotated[int, BeforeValidator(_integral)]
+def Int(**constraints):  # noqa: N802 - used as a type
+    """An integer field (constraints as for `Field`); the constraints must come before the validator for them to
+    reach the JSON schema as minimum/maximum."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
 
 
 class _Request(BaseModel):
@@ -57,14 +60,14 @@ class SamplingFields(_Request):
     """Sampling fields shared by completions and chat (OpenAI names, plus vLLM's extras)."""
 
     model: str | None = None
-    n: Annotated[Int, Field(ge=1, le=MAX_N)] = 1
+    n: Int(ge=1, le=MAX_N) = 1
     temperature: Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
-    top_k: Annotated[Int, Field(ge=-1, le=MAX_TOP_K)] | None = None
+    top_k: Int(ge=-1, le=MAX_TOP_K) | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
-    stop_token_ids: list[Int] | None = None
-    seed: Annotated[Int, Field(ge=-(2**63), lt=2**64)] | None = None
+    stop_token_ids: list[Int()] | None = None
+    seed: Int(ge=-(2**63), lt=2**64) | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
@@ -74,7 +77,7 @@ class SamplingFields(_Request):
     user: str | None = None
     # vLLM extras (OpenAI clients send them through `extra_body`)
     ignore_eos: bool = False
-    min_tokens: Annotated[Int, Field(ge=0)] = 0
+    min_tokens: Int(ge=0) = 0
 
     @field_validator("stop")
     @classmethod
@@ -107,11 +110,11 @@ PromptInput = Union[
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: Annotated[Int, Field(ge=1)] | None = 16
-    logprobs: Annotated[Int, Field(ge=0)] | None = None
+    max_tokens: Int(ge=1) | None = 16
+    logprobs: Int(ge=0) | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: Annotated[Int, Field(ge=1)] | None = None
+    best_of: Int(ge=1) | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -172,10 +175,10 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[Int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[Int, Field(ge=1)] | None = None
+    max_tokens: Int(ge=1) | None = None
+    max_completion_tokens: Int(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[Int, Field(ge=0)] | None = None
+    top_logprobs: Int(ge=0) | None = None
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
     tool_choice: Any = None
