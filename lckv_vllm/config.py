@@ -34,24 +34,51 @@ class LCKVLlamaConfig(LlamaConfig):
     def __post_init__(self, **kwargs):
         layer_types = kwargs.pop("layer_types", None)
         if layer_types is not None:
-            if isinstance(layer_types, (list, tuple)):  # tolerate a list of entries
-                layer_types = "_".join(str(x) for x in layer_types)
-            self.lckv_layer_types = layer_types
+            self.lckv_layer_types = _as_string(layer_types)
         super().__post_init__(**kwargs)
         if self.lckv_layer_types is None:
             self.lckv_layer_types = "_".join(str(i) for i in range(self.num_hidden_layers))
 
+    def __setattr__(self, name, value):
+        # `config.update({"layer_types": ...})` is how vLLM applies `--hf-overrides` / `LLM(hf_overrides=...)`: route
+        # it to the attribute the plan reads, and remember the checkpoint's own plan so the model can say it was
+        # overridden (and the weight loader can name the override when a new producer has no k/v weights).
+        if name == "layer_types":
+            if value is None:
+                return
+            value = _as_string(value)
+            current = self.__dict__.get("lckv_layer_types")
+            if current is not None and current != value and "lckv_checkpoint_layer_types" not in self.__dict__:
+                object.__setattr__(self, "lckv_checkpoint_layer_types", current)
+            name = "lckv_layer_types"
+        super().__setattr__(name, value)
+
+    @property
+    def layer_types_overridden_from(self) -> str | None:
+        """The checkpoint's `layer_types` when an override replaced it, else None."""
+        original = self.__dict__.get("lckv_checkpoint_layer_types")
+        return original if original is not None and original != self.lckv_layer_types else None
+
     def to_dict(self):
         d = super().to_dict()
         d["layer_types"] = d.pop("lckv_layer_types", self.lckv_layer_types)
+        d.pop("lckv_checkpoint_layer_types", None)  # bookkeeping of this process, not part of the format
         return d
 
     def to_diff_dict(self):
         d = super().to_diff_dict()
         if "lckv_layer_types" in d:
             d["layer_types"] = d.pop("lckv_layer_types")
+        d.pop("lckv_checkpoint_layer_types", None)
         return d
 
     @property
     def plan(self) -> LayerPlan:
         return plan_from_config(self)
+
+
+def _as_string(layer_types) -> str:
+    """`layer_types` as the official string; a list of entries (["0", "2", "2"] or [0, 2, 2]) is tolerated."""
+    if isinstance(layer_types, (list, tuple)):
+        return "_".join(str(x) for x in layer_types)
+    return layer_types

@@ -382,6 +382,11 @@ class LCKVLlamaForCausalLM(nn.Module):
             [(s.start, s.end, "cyclic" if s.cyclic else "once") for s in self.plan.segments],
             self.model.path.name,
         )
+        original = getattr(config, "layer_types_overridden_from", None)
+        if original is not None:
+            logger.warning("LCKV: serving layer_types %s (override), not the checkpoint's %s: %d instead of %d "
+                           "layers keep KV", self.plan.layer_types, original, len(self.plan.producers),
+                           len({entry.rstrip("s") for entry in original.split("_")}))
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

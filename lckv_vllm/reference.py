@@ -58,11 +58,13 @@ class _Cache:
 
 
 class ReferenceModel:
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float64):
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float64, overrides: dict | None = None):
+        """`overrides`: config fields replaced as a deploy-time override does (e.g. another `layer_types`)."""
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir)
         cfg = json.loads((model_dir / "config.json").read_text())
+        cfg.update(overrides or {})
         self.cfg = SimpleNamespace(**cfg)
         self.plan: LayerPlan = plan_from_config(self.cfg)
         self.dtype = dtype

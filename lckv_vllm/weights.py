@@ -80,9 +80,13 @@ def load_lckv_weights(model, weights: Iterable[tuple[str, torch.Tensor]]) -> set
         missing = {"k_proj", "v_proj"} - seen_kv.get(p, set())
         if missing:
             readers = [r.index for r in plan.roles if r.attends_to == p]
+            original = getattr(model.config, "layer_types_overridden_from", None)
             raise CheckpointError(
                 f"layer {p} computes KV (layer_types entries {readers} read it) but the checkpoint has no "
                 + " or ".join(f"model.layers.{p}.self_attn.{w}.weight" for w in sorted(missing))
+                + (f": the override layer_types={plan.layer_types!r} makes layer {p} a producer, but in the "
+                   f"checkpoint's own plan ({original!r}) it is a consumer without k/v projections; choose a "
+                   f"pattern whose producers are among the checkpoint's producers" if original else "")
             )
     if ignored:
         logger.warning("ignoring %d k/v projection weights of layers whose KV no layer reads: %s", len(ignored),

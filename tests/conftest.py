@@ -43,7 +43,7 @@ def engine(model_dir):
     cache: dict = {}
 
     def get(model: str, env: dict | None = None, **kw):
-        key = (str(model), tuple(sorted((env or {}).items())), tuple(sorted(kw.items())))
+        key = (str(model), tuple(sorted((env or {}).items())), repr(sorted(kw.items())))
         if key not in cache:
             path = model if os.path.isdir(str(model)) else str(model_dir(model))
             # enforce_eager: vLLM's torch.compile costs ~25-45 s per engine on this CPU; one test covers it
