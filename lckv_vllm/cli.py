@@ -1,6 +1,10 @@
 """`lckv-vllm`: the project's command line.
 
   lckv-vllm plan <model dir | layer_types> [--num-layers N] [--kv-heads K --head-dim D --dtype-bytes B]
+  lckv-vllm plan MODEL --budget-gib X --context N [--concurrency C] [--calibrate TEXTFILE]
+                                          deploy-time patterns that fit a KV budget, and the override to serve one
+  lckv-vllm quality MODEL [--layer-types STR ...] --text FILE [--max-tokens N]
+                                          perplexity through vLLM under each pattern (applied as an override)
   lckv-vllm make-model (--preset NAME | --layer-types STR --num-layers N ...) --out DIR
   lckv-vllm export-llama SRC OUT          identity-plan checkpoint -> plain Llama checkpoint (same weights)
   lckv-vllm import-llama SRC OUT [--layer-types STR]   Llama checkpoint -> LCKV checkpoint
@@ -20,6 +24,8 @@ def _cmd_plan(args) -> int:
     from .plan import plan_from_config
     from .plan import LayerPlan, LayerPlanError
 
+    if args.budget_gib is not None:
+        return _cmd_plan_budget(args)
     src = args.source
     try:
         if Path(src).is_dir():
@@ -41,6 +47,70 @@ def _cmd_plan(args) -> int:
         per = plan.kv_bytes_per_token(kv_heads, head_dim, b)
         full = plan.full_kv_bytes_per_token(kv_heads, head_dim, b)
         print(f"KV bytes per token ({kv_heads} KV heads x {head_dim} x {b} B): {per} vs {full} for all layers")
+    return 0
+
+
+def _cmd_plan_budget(args) -> int:
+    from . import deploy
+
+    if args.context is None or args.context < 1:
+        print("error: --context: the context length (tokens per sequence) is needed with --budget-gib", file=sys.stderr)
+        return 2
+    if args.budget_gib <= 0:
+        print(f"error: --budget-gib: must be > 0, got {args.budget_gib}", file=sys.stderr)
+        return 2
+    try:
+        config = deploy.load_config(args.source)
+        nbytes = deploy.dtype_bytes(config, args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    budget = int(args.budget_gib * (1 << 30))
+    rows = [deploy.footprint(config, c, budget, args.context, args.block_size, nbytes)
+            for c in deploy.candidates(config)]
+    if args.calibrate:
+        text = Path(args.calibrate).read_text(encoding="utf-8", errors="replace")
+        ppl = deploy.perplexities(args.source, [r["layer_types"] for r in rows], text, max_tokens=args.max_tokens,
+                                  dtype=args.dtype or "float32", progress=lambda m: print(m, file=sys.stderr))
+        for r, q in zip(rows, ppl):
+            r["perplexity"] = q["perplexity"]
+    c = args.concurrency
+    print(f"KV budget {args.budget_gib:g} GiB, context {args.context} tokens, block {args.block_size}, "
+          f"{nbytes} B per KV element{f', at least {c} concurrent sequences' if c > 1 else ''}")
+    print(f"{'pattern':12s} {'producers':>9s} {'KV B/token':>11s} {'capacity tokens':>16s} {'sequences':>10s} "
+          f"{'perplexity':>11s}  layer_types")
+    for r in rows:
+        ppl = f"{r['perplexity']:.3f}" if r.get("perplexity") is not None else "-"
+        print(f"{r['name']:12s} {r['producers']:>9d} {r['kv_bytes_per_token']:>11d} {r['capacity_tokens']:>16,d} "
+              f"{r['sequences']:>10,d} {ppl:>11s}  {r['layer_types']}")
+    best = deploy.recommend(rows, c)
+    if best is None:
+        print(f"no pattern fits {c} sequences of {args.context} tokens in {args.budget_gib:g} GiB")
+        return 1
+    why = "lowest perplexity" if best.get("perplexity") is not None else "smallest KV footprint (no --calibrate)"
+    print(f"recommended ({why} among those that fit): {best['name']}")
+    print(f"  vllm serve {args.source} {deploy.overrides_argument(best['layer_types'])}")
+    return 0
+
+
+def _cmd_quality(args) -> int:
+    from . import deploy
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+        deploy.load_config(args.model)
+    except (FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    patterns = args.layer_types or [None]
+    rows = deploy.perplexities(args.model, patterns, text, max_tokens=args.max_tokens, window=args.window,
+                               dtype=args.dtype, progress=lambda m: print(m, file=sys.stderr))
+    print(f"{'layer_types':40s} {'producers':>9s} {'KV B/token':>11s} {'perplexity':>11s} {'tokens':>7s}")
+    for r in rows:
+        print(f"{r['layer_types']:40s} {r['producers']:>9d} {r['kv_bytes_per_token']:>11d} {r['perplexity']:>11.4f} "
+              f"{r['tokens_scored']:>7d}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
@@ -145,7 +215,24 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--kv-heads", type=int)
     sp.add_argument("--head-dim", type=int)
     sp.add_argument("--dtype-bytes", type=int, default=2)
+    sp.add_argument("--budget-gib", type=float, help="KV memory budget: list the deploy-time patterns that fit")
+    sp.add_argument("--context", type=int, help="tokens per sequence (with --budget-gib)")
+    sp.add_argument("--concurrency", type=int, default=1, help="sequences that must fit at once (default 1)")
+    sp.add_argument("--block-size", type=int, default=16, help="KV block size of the server (default 16)")
+    sp.add_argument("--dtype", help="KV dtype (default: the checkpoint's torch_dtype)")
+    sp.add_argument("--calibrate", metavar="TEXTFILE", help="measure each pattern's perplexity on this text")
+    sp.add_argument("--max-tokens", type=int, default=2048, help="tokens of the calibration text to score")
     sp.set_defaults(fn=_cmd_plan)
+
+    sp = sub.add_parser("quality", help="perplexity through vLLM, one row per layer_types pattern (an override)")
+    sp.add_argument("model")
+    sp.add_argument("--layer-types", nargs="+", help="patterns to apply as overrides (default: the checkpoint's)")
+    sp.add_argument("--text", required=True, help="held-out text file")
+    sp.add_argument("--max-tokens", type=int, default=2048, help="tokens of the text to score (default 2048)")
+    sp.add_argument("--window", type=int, default=512, help="tokens per scored prompt (default 512)")
+    sp.add_argument("--dtype", default="float32")
+    sp.add_argument("--json", help="also write the rows as JSON here")
+    sp.set_defaults(fn=_cmd_quality)
 
     sp = sub.add_parser("make-model", help="write a seeded random checkpoint in the official LCKV format")
     sp.add_argument("--preset")
