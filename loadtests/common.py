@@ -117,3 +117,9 @@ def machine() -> dict:
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
             "python": platform.python_version(), "vllm": vllm.__version__, "lckv_vllm": lckv_vllm.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def command_args(argv: list[str] | None) -> list[str]:
+    """The script's arguments for the report, with paths inside the repository made relative to it."""
+    root = str(Path(__file__).resolve().parent.parent) + "/"
+    return [a.replace(root, "") for a in (argv if argv is not None else sys.argv[1:])]

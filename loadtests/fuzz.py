@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON report (default: print a summary only)")
     args = p.parse_args(argv)
 
-    from common import machine, model_path, start_server
+    from common import command_args, machine, model_path, start_server
 
     srv = None
     report: dict = {}
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["server_log_has_traceback"] = "Traceback" in log_text
                 report["server_log_has_api_key"] = key in log_text
     report["setup"] = {**machine(), "server_args": None if args.url else SERVER_ARGS, "model": args.model,
-                       "command": "python loadtests/fuzz.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                       "command": "python loadtests/fuzz.py " + " ".join(command_args(argv))}
     report["base_url"] = "http://127.0.0.1:<port>"
     text = json.dumps(report, indent=2)
     if args.out:

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from common import machine, model_path, post_json, start_server
+    from common import command_args, machine, model_path, post_json, start_server
 
     report: dict = {}
     with tempfile.TemporaryDirectory(prefix="lckv-soak-") as d:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     report["server_log_has_traceback"] = "Traceback" in log_text
     report["setup"] = {**machine(), "label": args.label, "server_args": SERVER_ARGS,
                        "prompt_words": args.prompt_words, "max_tokens": args.max_tokens, "seed": args.seed,
-                       "command": "python loadtests/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                       "command": "python loadtests/soak.py " + " ".join(command_args(argv))}
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from common import machine, model_path, read_metrics, start_server
+    from common import command_args, machine, model_path, read_metrics, start_server
 
     with tempfile.TemporaryDirectory(prefix="lckv-storm-") as d:
         tmp = Path(d)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if srv is not None:
             report["server_exit_code"] = report_exit
     report["setup"] = {**machine(), "server_args": None if args.url else SERVER_ARGS, "seed": args.seed,
-                       "command": "python loadtests/storm.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                       "command": "python loadtests/storm.py " + " ".join(command_args(argv))}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
