@@ -70,8 +70,10 @@ def _cmd_plan_budget(args) -> int:
             for c in deploy.candidates(config)]
     if args.calibrate:
         text = Path(args.calibrate).read_text(encoding="utf-8", errors="replace")
+        # scored in float32 whatever --dtype says (that is the KV dtype of the arithmetic above): exact, and bf16
+        # matmuls are ~30x slower on CPUs without AVX-512
         ppl = deploy.perplexities(args.source, [r["layer_types"] for r in rows], text, max_tokens=args.max_tokens,
-                                  dtype=args.dtype or "float32", progress=lambda m: print(m, file=sys.stderr))
+                                  dtype="float32", progress=lambda m: print(m, file=sys.stderr))
         for r, q in zip(rows, ppl):
             r["perplexity"] = q["perplexity"]
     c = args.concurrency
@@ -201,7 +203,13 @@ def _cmd_bench(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    # the commands that build vLLM engines print tables on stdout, where vLLM also logs: keep its chatter to errors
+    # unless the user asks for more
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if argv and argv[0] == "bench":  # its options (and --help) belong to the benchmark's own parser
         return _cmd_bench(argv[1:])
     p = argparse.ArgumentParser(prog="lckv-vllm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
