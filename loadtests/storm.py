@@ -93,7 +93,7 @@ async def _one(host: str, port: int, api_key: str | None, path: str, body: bytes
         timeout = delay if point == "random-time" else deadline
         try:
             await asyncio.wait_for(consume(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             out["timed_out"] = point != "random-time"
         return out
     finally:

@@ -3,7 +3,8 @@
 Modules: `cli` (the `lckv-serve` command: arguments, engine start-up, graceful shutdown), `app` (routes and the
 ASGI guards: API key, body limit, request metrics), `serving` (completions and chat, plain and streamed),
 `engine` (the only code that talks to the engine), `schemas` (pydantic request/response models), `errors`
-(OpenAI-shaped errors and status mapping), `metrics` (Prometheus, private registry).  Importing this package is
+(OpenAI-shaped errors and status mapping), `metrics` (Prometheus, private registry), `openapi` (the /openapi.json
+document), `faults` (the fault-injection hook for tests).  Importing this package is
 cheap; vLLM is imported by the modules that need it.
 """
 

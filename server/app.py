@@ -22,8 +22,8 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from . import __version__

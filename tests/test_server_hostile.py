@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -425,7 +424,8 @@ def test_content_type_rules():
 
 def test_model_failure_gives_500_then_health_503_then_exit_70(server, http, tokenizer):
     assert http.get("/health").status_code == 200
-    streamed: dict = {}
+    streamed: dict = {"events": []}
+    running = threading.Event()
 
     def stream():  # a request already running when the engine fails
         body = {"model": MODEL, "prompt": "a long answer", "max_tokens": MAX_TOKENS, "ignore_eos": True,
@@ -433,11 +433,14 @@ def test_model_failure_gives_500_then_health_503_then_exit_70(server, http, toke
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
             with c.stream("POST", C, json=body) as r:
                 streamed["status"] = r.status_code
-                streamed["events"] = [line for line in r.iter_lines() if line]
+                for line in r.iter_lines():
+                    if line:
+                        streamed["events"].append(line)
+                        running.set()
 
     t = threading.Thread(target=stream)
     t.start()
-    time.sleep(0.5)
+    assert running.wait(30)  # its first tokens have arrived; ~MAX_TOKENS more to go
     prompt = tokenizer("before").input_ids + FAULT + tokenizer("after", add_special_tokens=False).input_ids
     r = http.post(C, json={"model": MODEL, "prompt": prompt, "max_tokens": 4, "stop": [SECRET]})
     err = assert_openai_error(r, 500)
