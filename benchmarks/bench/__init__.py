@@ -42,8 +42,8 @@ SHAPES = {
     "bench22": "22 layers (as TinyLlama), hidden 256, 8 query / 2 KV heads of 32, intermediate 512, vocab 32000",
     "tiny": "6 layers, hidden 128, 4 query / 2 KV heads of 32, intermediate 256, vocab 32000",
 }
-QUICK = dict(paper="16:64", heavy="64:16", requests=8, budgets="2,4", target_budget=4, rounds=1,
-             prefill_lens="64,256,1024", prefill_reps=1, served_requests=8)
+QUICK = dict(paper="16:64", heavy="64:16", requests=8, budgets="2,4", target_budget=4, rounds=1, target_rounds=2,
+             prefill_lens="64,256,1024", prefill_reps=1, served_models="llama,w2,ceiling", served_requests=8)
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("load")
     g.add_argument("--paper", default="16:128", metavar="P:O",
                    help="paper-regime workload: prompt and output tokens (default: %(default)s)")
-    g.add_argument("--heavy", default="128:32", metavar="P:O",
+    g.add_argument("--heavy", default="64:16", metavar="P:O",
                    help="prompt-heavier workload (default: %(default)s); 'none' to skip it")
     g.add_argument("--requests", type=int, default=16, help="requests per offline load (default: %(default)s)")
     g.add_argument("--budgets", default="2,4,10",
@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing is memory-bound is always added (default: %(default)s)")
     g.add_argument("--target-budget", type=int, default=10,
                    help="the budget of the targets and of the served runs (default: %(default)s)")
-    g.add_argument("--rounds", type=int, default=2, help="offline rounds, alternating order (default: %(default)s)")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="offline rounds at every budget, alternating order (default: %(default)s)")
+    g.add_argument("--target-rounds", type=int, default=3,
+                   help="offline rounds at the target budget (paired ratios for the targets) (default: %(default)s)")
     g.add_argument("--block-size", type=int, default=32,
                    help="KV block size; vLLM's CPU attention (the Llama baseline) wants a multiple of 32 "
                         "(default: %(default)s)")
@@ -237,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     served_wl = _names(args.served_workloads, ("paper", "heavy"), "--served-workloads")
     served_wl = [w for w in workloads if (w.name == "paper" and "paper" in served_wl)
                  or (w.name == "prompt-heavy" and "heavy" in served_wl)]
-    if args.rounds < 1 or args.prefill_reps < 1 or args.served_rounds < 1 or args.requests < 1:
-        raise SystemExit("lckv-vllm bench: --rounds, --prefill-reps, --served-rounds, --requests must be >= 1")
+    if min(args.rounds, args.target_rounds, args.prefill_reps, args.served_rounds, args.requests,
+           args.served_requests) < 1:
+        raise SystemExit("lckv-vllm bench: --rounds, --target-rounds, --prefill-reps, --served-rounds, --requests, "
+                         "--served-requests must be >= 1")
     bs = args.block_size
     # a served workload whose sequence vLLM's Llama cannot hold at the target budget is left out (noted)
     target_blocks = args.target_budget * paper.blocks_per_seq(bs)
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     n_engines = 1 + len(plans)
     served_loads = len(served_models) * len(served_wl) * args.served_rounds if do_served else 0
     n_points = len(budgets_k) + 1
-    offline_runs = (args.rounds * len(workloads) * (n_points * n_engines + len(budgets_k))) if do_offline else 0
+    extra = max(0, args.target_rounds - args.rounds) * len(workloads) * (n_engines + 1)
+    offline_runs = (args.rounds * len(workloads) * (n_points * n_engines + len(budgets_k)) + extra) if do_offline else 0
     prefill_runs = args.prefill_reps * len(prefill_lens) * n_engines if do_offline else 0
     progress = Progress(1 + (n_engines if do_offline else 0) + offline_runs + prefill_runs
                         + (len(served_models) if do_served else 0) + served_loads, args.no_progress)
@@ -299,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": "float32", "block_size": bs, "compiled": args.compiled, "max_num_seqs": max_num_seqs,
             "max_model_len": max_model_len, "max_num_batched_tokens": batched_tokens, "seed": args.seed,
             "shape": args.shape, "model": SHAPES[args.shape], "plans": facts, "rounds": args.rounds,
+            "target_rounds": max(args.rounds, args.target_rounds),
             "workloads": [w.as_dict() for w in workloads], "budgets": budgets,
             "kv_allocation_bytes": alloc_bytes, "llama_kv_bytes_per_block": llama_bpb,
             "target_budget": target["label"], "prefill_lengths": prefill_lens, "prefill_reps": args.prefill_reps,
@@ -326,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             report["settings"]["engines"] = {
                 n: {"startup_s": e.startup_s, "attention": e.attention, "kv_bytes_per_block": e.bytes_per_block,
                     "kv_allocated_blocks": e.total_blocks} for n, e in engines.items()}
-            report["offline"] = _offline(engines, workloads, budgets, args, bs, progress)
+            report["offline"] = _offline(engines, workloads, budgets, target["label"], args, bs, progress)
             report["prefill"] = _prefill(engines, facts, prefill_lens, economy, args, progress)
         finally:
             for e in engines.values():
@@ -370,16 +377,19 @@ def _engine_point(e, budget: dict, workload: Workload, run, bs: int) -> dict:
     return res
 
 
-def _offline(engines: dict, workloads: list[Workload], budgets: list[dict], args, bs: int, progress) -> dict:
+def _offline(engines: dict, workloads: list[Workload], budgets: list[dict], target_label: str, args, bs: int,
+             progress) -> dict:
     from .report import add_ratios, aggregate
 
     names = list(engines)
     llama = engines["llama"]
     per: dict = {}  # (workload, budget label) -> engine -> list of rounds
     skipped: dict = {}
-    for r in range(args.rounds):
+    for r in range(max(args.rounds, args.target_rounds)):
         for w in workloads:
             for b in budgets:
+                if r >= (max(args.rounds, args.target_rounds) if b["label"] == target_label else args.rounds):
+                    continue
                 key = (w.name, b["label"])
                 if (llama.blocks_for(b["bytes"]) - 1) // w.blocks_per_seq(bs) < 1:
                     skipped[key] = "vLLM's Llama cannot hold one sequence of this workload"

@@ -64,14 +64,15 @@ def _vs(r: dict, ref: str, field: str = "output_throughput") -> str:
     return _x(v.get(field)) if v else "-"
 
 
-TABLE_HEAD = ("| budget | engine | KV capacity (tokens) | fits | max conc. | preempt. | output tok/s | vs identity "
+TABLE_HEAD = ("| budget | engine | KV capacity (tokens) | fits | conc. max / mean | preempt. | output tok/s | vs identity "
               "| vs Llama | vs ceiling | TTFT ms mean / p50 / p99 | TPOT ms | ITL ms | E2EL ms |\n"
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
 
 def _row(budget: str, name: str, r: dict) -> str:
     return (f"| {budget} | {ENGINE_LABELS.get(name, name)} | {_n(r.get('kv_capacity_tokens'))} | "
-            f"{_n(r.get('fits_sequences'))} | {_n(r.get('max_concurrency'))} | {_n(r.get('preemptions'))} | "
+            f"{_n(r.get('fits_sequences'))} | {_n(r.get('max_concurrency'))} / {_n(r.get('mean_concurrency'), '{:.1f}')} | "
+            f"{_n(r.get('preemptions'))} | "
             f"{_n(r.get('output_throughput'))} | {_vs(r, 'identity')} | {_vs(r, 'llama')} | {_vs(r, 'ceiling')} | "
             f"{_lat(r, 'ttft')} | {_lat(r, 'tpot')} | {_lat(r, 'itl')} | {_lat(r, 'e2el')} |")
 
@@ -88,8 +89,9 @@ def markdown(rep: dict) -> str:
              + ", ".join(f"{b['label']} = {b['bytes'] / 2**20:.2f} MiB" for b in s["budgets"]) + ".",
              "Workloads: " + "; ".join(f"{w['name']}: {w['prompt_len']} prompt + {w['output_len']} output tokens, "
                                        f"{w['requests']} requests" for w in s["workloads"]) + "."
-             + (f"  Offline: every request added at once, {s['rounds']} alternating round(s), medians; ratios are "
-                "medians of per-round ratios." if rep.get("offline") else "")
+             + (f"  Offline: every request added at once; {s['rounds']} round(s) per budget, {s['target_rounds']} "
+                "at the target budget, alternating the order; medians; ratios are medians of per-round ratios."
+                if rep.get("offline") else "")
              + "  Ceiling: identity with the whole allocation (memory never limits), same load.  fits = full "
              "sequences of the workload the budget holds; latencies mean / p50 / p99 in ms.", ""]
     for wname, wres in rep.get("offline", {}).items():
@@ -130,22 +132,28 @@ def markdown(rep: dict) -> str:
         lines.append("")
         be = pf.get("break_even")
         if be:
-            lines.append(f"Where LCKV stops paying off (at budget {be['budget_label']}, against vLLM's Llama, "
-                         f"prefill cost at {be['reference_prompt_len']} tokens): " + "; ".join(
-                             f"{ENGINE_LABELS.get(k, k)}: {_be(v)}" for k, v in be["plans"].items()) + ".")
+            meas = be.get("measured_prompt_heavy_vs_llama") or {}
+            lines.append(f"Where LCKV stops paying off (estimate at budget {be['budget_label']}, against vLLM's "
+                         f"Llama, from the paper-regime throughputs and the prefill cost at "
+                         f"{be['reference_prompt_len']} tokens): " + "; ".join(
+                             f"{ENGINE_LABELS.get(k, k)} {_be(v)}" for k, v in be["plans"].items()) + "."
+                         + (f"  Measured, prompt-heavy workload at that budget, output tok/s vs Llama: "
+                            + ", ".join(f"{ENGINE_LABELS.get(k, k)} {_x(v)}" for k, v in meas.items()
+                                        if k not in ("llama",)) + "." if meas else ""))
             lines.append("")
     t = rep.get("targets")
     if t and t["values"]:
         lines += [f"Targets at budget {t['budget_label']} (vLLM's Llama fits {t['llama_fits']} paper-regime "
-                  "sequences): " + "; ".join(f"{k} = {_x(v)}" for k, v in t["values"].items()) + ".", ""]
+                  "sequences): " + "; ".join(f"{k} = {_x(v)}" + (f" (goal {t['goals'][k]})" if k in t["goals"] else "")
+                                             for k, v in t["values"].items()) + ".", ""]
     return "\n".join(lines)
 
 
 def _be(v: dict) -> str:
     x = v.get("prompt_per_output")
     if v.get("note"):
-        return v["note"]
-    return f"prompt/output > {x:.1f}" if x is not None else "-"
+        return f"({v['note']})"
+    return f"ahead below {x:.1f} prompt tokens per output token" if x is not None else "-"
 
 
 # ---- plots ------------------------------------------------------------------------------------------------------
