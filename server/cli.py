@@ -34,8 +34,8 @@ ENGINE_DEAD_EXIT = 70  # EX_SOFTWARE: the engine stopped under the server; a sup
 class _WithholdBatchDump(logging.Filter):
     """vLLM's engine core logs the batch of a step that failed: request ids and lengths (not prompts), but also each
     request's sampling parameters, whose stop strings and logit_bias come from request bodies.  That record is
-    replaced by a note; the error itself and its traceback are still logged.  Installed before the engine starts,
-    so the engine-core process (forked, vLLM's default) inherits it."""
+    replaced by a note; the error itself and its traceback are still logged.  `_withhold_batch_dump` installs it in
+    this process and in the engine's."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("Dumping scheduler output"):
@@ -48,8 +48,8 @@ def _withhold_batch_dump() -> str | None:
     """Install `_WithholdBatchDump` here and in the engine's processes.  vLLM starts its engine core by `spawn` on
     CPU, so a filter added in this process would not reach it; vLLM's logging set-up in every process reads
     VLLM_LOGGING_CONFIG_PATH, so point that at vLLM's own default configuration plus the filter on its handler.
-    A configuration of the user's (VLLM_LOGGING_CONFIG_PATH already set) is left alone.  Returns the file to
-    remove at exit."""
+    A configuration of the user's (VLLM_LOGGING_CONFIG_PATH already set) is left alone.  Returns the file, to be
+    removed when the server exits (an engine process may start late and read it)."""
     import copy
     import json
     import tempfile
@@ -158,17 +158,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def _serve(args, sock: socket.socket, state: dict) -> None:
-    import uvicorn
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.usage.usage_lib import UsageContext
-    from vllm.v1.engine.async_llm import AsyncLLM
 
-    from .app import create_app
-    from .engine import EngineFrontend
     from .faults import ENV as FAULT_ENV
     from .faults import EXTENSION as FAULT_EXTENSION
     from .faults import fault_tokens_from_env
-    from .metrics import EngineStats
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
     fault = fault_tokens_from_env()
@@ -179,14 +173,26 @@ async def _serve(args, sock: socket.socket, state: dict) -> None:
                        "(fault injection, for tests only)", FAULT_ENV, fault)
         engine_args.worker_extension_cls = FAULT_EXTENSION
     log_config = _withhold_batch_dump()
-    stats = EngineStats()
     try:
-        engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
-                                           stat_loggers=[stats.stat_logger_factory()])
+        await _run(args, sock, state, engine_args, fault)
     finally:
-        if log_config is not None:  # the engine's processes have read it by now
+        if log_config is not None:
             os.environ.pop("VLLM_LOGGING_CONFIG_PATH", None)
             os.unlink(log_config)
+
+
+async def _run(args, sock: socket.socket, state: dict, engine_args, fault: list[int] | None) -> None:
+    import uvicorn
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from .app import create_app
+    from .engine import EngineFrontend
+    from .metrics import EngineStats
+
+    stats = EngineStats()
+    engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
+                                       stat_loggers=[stats.stat_logger_factory()])
     fe = None
     watchdog = None
     try:
