@@ -313,6 +313,19 @@ def main(argv: list[str] | None = None) -> int:
             "budget_method": "every engine allocates kv_allocation_bytes once; a budget of B bytes keeps the "
                              "B // bytes_per_block blocks vLLM would allocate for kv_cache_memory_bytes=B and "
                              "holds the rest out of the block pool",
+            "definitions": {
+                "kv_capacity_tokens": "blocks x block size, the null block included, as vLLM reports it",
+                "fits_sequences": "full sequences (prompt + output) of the workload the usable blocks hold",
+                "max_concurrency": "offline: most requests that received a token in one engine step; served: most "
+                                   "running requests in one step (SchedulerStats.num_running_reqs)",
+                "mean_concurrency": "offline: output tokens per engine step that produced any",
+                "preemptions": "offline: sum of the scheduler's per-request num_preemptions; served: sum of "
+                               "IterationStats.num_preempted_reqs",
+                "latencies": "TTFT from the request's arrival (offline: all arrive at once, so TTFT includes "
+                             "queueing), TPOT = (E2EL - TTFT) / (output tokens - 1), ITL = gaps between deliveries",
+                "ratios": "vs_X[field] = median over rounds of (this engine / X) for that field, X run in the same "
+                          "round at the same point; the ceiling is identity with the whole allocation",
+            },
         },
     }
     engine_kwargs = dict(dtype="float32", max_model_len=max_model_len, max_num_batched_tokens=batched_tokens,

@@ -9,9 +9,10 @@ admits, grows and preempts as it would in an engine built with B.  `bytes_per_bl
 computed for the allocation.  One engine per model instead of one per (model, budget) keeps the start-ups (and
 their compilation) out of the sweep, and lets the engines of every budget run back to back in alternating rounds.
 
-What the runner reads from the engine besides the outputs (in-process engines only,
-VLLM_ENABLE_V1_MULTIPROCESSING=0): the scheduler's requests, for their `num_preemptions`, and its block pool, for
-the budget.  The largest concurrency is the most requests that received a token in one step.
+Setting the budget, which precedes every load, also empties the prefix cache (`LLM.reset_prefix_cache`).  What
+the runner reads from the engine besides the outputs (in-process engines only, VLLM_ENABLE_V1_MULTIPROCESSING=0):
+the scheduler's requests, for their `num_preemptions`, and its block pool, for the budget.  The largest concurrency
+is the most requests that received a token in one step.
 """
 
 from __future__ import annotations
@@ -108,11 +109,14 @@ class OfflineEngine:
         return self.blocks_for(budget_bytes) * self.block_size
 
     def set_budget(self, budget_bytes: int | None) -> int:
-        """Hold back the blocks beyond `budget_bytes` (None: the whole allocation).  Only between loads."""
+        """Hold back the blocks beyond `budget_bytes` (None: the whole allocation).  Only between loads; it also
+        empties the prefix cache (the identity engine runs the ceiling on the same prompts: no hits between runs)."""
         pool = self._scheduler.kv_cache_manager.block_pool
         if self._held:
             pool.free_blocks(self._held)
             self._held = []
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"{self.name}: the prefix cache could not be reset (blocks still in use)")
         keep = self.blocks_for(budget_bytes)
         if keep < self.total_blocks:
             self._held = pool.get_new_blocks(self.total_blocks - keep)

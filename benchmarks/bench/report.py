@@ -173,11 +173,11 @@ def plots(rep: dict, out: Path, prefix: str = "bench") -> list[Path]:
         fig, axes = plt.subplots(1, len(off), figsize=(6.5 * len(off), 4.5), squeeze=False)
         for ax, (wname, wres) in zip(axes[0], off.items()):
             for name in _engine_names(wres):
-                pts = sorted((p["engines"][name]["max_concurrency"] or 0, p["engines"][name]["output_throughput"] or 0)
+                pts = sorted((p["engines"][name]["mean_concurrency"] or 0, p["engines"][name]["output_throughput"] or 0)
                              for p in wres["points"] if name in p["engines"])
-                ax.plot([a for a, _ in pts], [b for _, b in pts], "o-" if name != "ceiling" else "s--",
+                ax.plot([a for a, _ in pts], [b for _, b in pts], "o-" if name != "ceiling" else "s",
                         color=COLORS.get(name), label=ENGINE_LABELS.get(name, name))
-            ax.set_xlabel("largest concurrency reached (batch size)")
+            ax.set_xlabel("batch size (mean requests per engine step; one point per KV budget)")
             ax.set_ylabel("output tokens/s")
             ax.set_title(f"{wname}: throughput vs batch size")
             ax.grid(alpha=0.3)
