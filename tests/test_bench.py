@@ -12,6 +12,7 @@ import pytest
 
 from lckv_vllm import cli
 
+pytestmark = pytest.mark.timeout(600)
 BIN = Path(sys.executable).parent
 
 POINT_FIELDS = ("kv_budget_bytes", "kv_capacity_tokens", "kv_blocks", "fits_sequences", "max_concurrency",

@@ -529,11 +529,13 @@ def _served(paths: dict, models: list[str], workloads: list[Workload], target: d
     servers: dict = {}
     per: dict = {}
     try:
+        progress.note(f"starting {len(models)} servers")
         for name in models:
-            progress.note(f"serving {name}")
             path = paths["identity" if name == "ceiling" else name]
             budget = alloc_bytes if name == "ceiling" else target["bytes"]
-            servers[name] = served.start(name, path, budget, opts, logs)
+            servers[name] = served.launch(name, path, budget, opts, logs)
+        for name in models:
+            served.wait_ready(servers[name])
             progress.step(f"serving {name} ({servers[name].startup_s:.0f} s)")
         for r in range(args.served_rounds):
             for w in workloads:

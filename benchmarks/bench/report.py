@@ -10,6 +10,7 @@ from .metrics import LATENCY_FIELDS, median, ratio
 POINT_FIELDS = ("kv_budget_bytes", "kv_capacity_tokens", "kv_blocks", "fits_sequences", "max_concurrency",
                 "mean_concurrency", "preemptions", "output_throughput", "request_throughput",
                 "total_token_throughput", "duration_s") + LATENCY_FIELDS
+FIXED_FIELDS = ("kv_budget_bytes", "kv_capacity_tokens", "kv_blocks", "fits_sequences")
 # What the ratios compare: throughputs, concurrency, capacity and every latency statistic.
 RATIO_FIELDS = ("output_throughput", "request_throughput", "max_concurrency", "kv_capacity_tokens") + LATENCY_FIELDS
 REFERENCES = ("identity", "llama", "ceiling")
@@ -24,7 +25,12 @@ def aggregate(rounds: list[dict]) -> dict:
     out = {}
     for f in POINT_FIELDS:
         vals = [r.get(f) for r in rounds]
-        out[f] = max((v for v in vals if v is not None), default=None) if f == "max_concurrency" else median(vals)
+        if f in FIXED_FIELDS:  # the same in every round
+            out[f] = vals[0]
+        elif f == "max_concurrency":
+            out[f] = max((v for v in vals if v is not None), default=None)
+        else:
+            out[f] = median(vals)
     out["rounds"] = rounds
     return out
 

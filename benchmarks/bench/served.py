@@ -2,8 +2,9 @@
 
 Each server is `lckv-serve` (through serve_probe.py, which adds a stat logger for preemptions and the largest
 number of running requests) with the model's KV budget as `--kv-cache-memory-bytes`, the benchmark's block size,
-max_num_seqs, max_model_len and max_num_batched_tokens.  All servers of a run stay up together (idle ones cost
-next to nothing) so that the loads can go round-robin over them, round after round, like the offline engines.
+max_num_seqs, max_model_len and max_num_batched_tokens.  The servers start side by side and stay up together
+(idle ones cost next to nothing) so that the loads can go round-robin over them, round after round, like the
+offline engines.
 A load is locust_rate.py: one user that sends the requests at fixed intervals, each streamed in its own greenlet.
 """
 
@@ -71,8 +72,9 @@ class Server:
                 self.proc.wait(10)
 
 
-def start(name: str, path: Path, budget_bytes: int, opts: dict, tmp: Path) -> Server:
-    from lckv_vllm.demo import free_port, wait_ready
+def launch(name: str, path: Path, budget_bytes: int, opts: dict, tmp: Path) -> Server:
+    """Start lckv-serve (through serve_probe.py) without waiting for it: servers start side by side."""
+    from lckv_vllm.demo import free_port
 
     port = free_port()
     url = f"http://{HOST}:{port}"
@@ -87,22 +89,29 @@ def start(name: str, path: Path, budget_bytes: int, opts: dict, tmp: Path) -> Se
         cmd.append("--enforce-eager")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", LCKV_BENCH_STATS=str(stats))
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     srv = Server(name, proc, url, log, stats)
+    srv.startup_s = time.perf_counter()  # the start time until wait_ready() turns it into a duration
+    return srv
+
+
+def wait_ready(srv: Server, timeout: float = 900) -> None:
+    """Wait for /health, send one short request (the first measured TTFT is then not the engine's first-step
+    set-up) and read the KV capacity from /metrics."""
+    from lckv_vllm.demo import wait_ready as wait_health
+
     try:
-        wait_ready(url, proc, timeout=opts.get("start_timeout", 600))
+        wait_health(srv.url, srv.proc, timeout=timeout)
     except (RuntimeError, TimeoutError) as e:
         srv.stop(10)
-        raise RuntimeError(f"[{name}] {e}; last lines of {log}:\n{srv.log_tail()}") from None
-    srv.startup_s = time.perf_counter() - t0
-    # one short request: the first measured TTFT is then not the engine's first-step set-up
-    body = json.dumps({"model": name, "prompt": [5, 6, 7, 8], "max_tokens": 2, "ignore_eos": True}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        raise RuntimeError(f"[{srv.name}] {e}; last lines of {srv.log}:\n{srv.log_tail()}") from None
+    srv.startup_s = time.perf_counter() - srv.startup_s
+    body = json.dumps({"model": srv.name, "prompt": [5, 6, 7, 8], "max_tokens": 2, "ignore_eos": True}).encode()
+    req = urllib.request.Request(srv.url + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
     urllib.request.urlopen(req, timeout=300).read()
-    cap = _metrics(url).get("lckv_kv_capacity_tokens")
+    cap = _metrics(srv.url).get("lckv_kv_capacity_tokens")
     srv.capacity_tokens = int(cap) if cap is not None else None
-    return srv
 
 
 def run_load(srv: Server, prompts: list[list[int]], max_tokens: int, rate: float, tmp: Path, tag: str,
