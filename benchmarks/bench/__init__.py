@@ -19,8 +19,9 @@ mean, p50, p99, and every ratio against identity, vLLM's Llama and the ceiling. 
 markdown tables, also printed) and bench_batch.png (throughput vs batch size, as the paper's Figure 4),
 bench_budget.png (vs KV budget), bench_prefill.png, bench_served.png into --out.
 
-The full default run takes about 15 minutes on 2 CPU cores; --quick about 4.  Sizes: --paper/--heavy
-PROMPT:OUTPUT, --requests, --budgets, --rounds, --prefill-lens; --shape tiny for a seconds-long smoke run.
+The full default run takes about 12-15 minutes on an idle 2-core CPU (more on a shared one); --quick about 5.
+Sizes: --paper/--heavy PROMPT:OUTPUT, --requests, --budgets, --rounds/--target-rounds, --prefill-lens; --shape tiny
+for a smoke run of seconds.
 """
 
 from __future__ import annotations

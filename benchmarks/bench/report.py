@@ -38,7 +38,7 @@ def aggregate(rounds: list[dict]) -> dict:
 def add_ratios(engines: dict[str, dict]) -> None:
     """For every engine: vs_identity, vs_llama, vs_ceiling = median over rounds of the per-round ratios (each
     round ran the engines of a point back to back, so a round's ratio cancels the machine's slow drifts)."""
-    for name, res in engines.items():
+    for res in engines.values():
         for ref in REFERENCES:
             base = engines.get(ref)
             key = f"vs_{ref}"
@@ -143,7 +143,7 @@ def markdown(rep: dict) -> str:
                          f"Llama, from the paper-regime throughputs and the prefill cost at "
                          f"{be['reference_prompt_len']} tokens): " + "; ".join(
                              f"{ENGINE_LABELS.get(k, k)} {_be(v)}" for k, v in be["plans"].items()) + "."
-                         + (f"  Measured, prompt-heavy workload at that budget, output tok/s vs Llama: "
+                         + ("  Measured, prompt-heavy workload at that budget, output tok/s vs Llama: "
                             + ", ".join(f"{ENGINE_LABELS.get(k, k)} {_x(v)}" for k, v in meas.items()
                                         if k not in ("llama",)) + "." if meas else ""))
             lines.append("")
