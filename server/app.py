@@ -211,16 +211,20 @@ def create_app(fe: EngineFrontend, *, api_key: str | None = None, max_body_bytes
         body = metrics.render(fe.kv, fe.stats, fe.num_unfinished(), fe.admitted, fe.healthy)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def _card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=fe.created, root=fe.model_path, max_model_len=fe.max_model_len,
+                         layer_types=fe.kv.layer_types, checkpoint_layer_types=fe.kv.checkpoint_layer_types,
+                         kv_bytes_per_token=fe.kv.bytes_per_token)
+
     @app.get("/v1/models")
     async def models():
-        cards = [ModelCard(id=name, created=fe.created, root=fe.model_path, max_model_len=fe.max_model_len)
-                 for name in fe.served_model_names]
+        cards = [_card(name) for name in fe.served_model_names]
         return ModelList(data=cards).model_dump()
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         name = fe.resolve_model(model_id)
-        return ModelCard(id=name, created=fe.created, root=fe.model_path, max_model_len=fe.max_model_len).model_dump()
+        return _card(name).model_dump()
 
     @app.post("/v1/completions")
     async def completions(raw: Request):

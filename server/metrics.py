@@ -31,6 +31,8 @@ class KVLayout:
 
     layers: int
     producing_layers: int
+    layer_types: str  # the active plan (an --hf-overrides pattern when one was given)
+    checkpoint_layer_types: str  # the checkpoint's own plan
     bytes_per_token: int
     full_bytes_per_token: int  # the same model with every layer keeping its KV
     capacity_tokens: int | None  # num_gpu_blocks * block_size, once the engine has allocated its cache
@@ -51,6 +53,8 @@ class KVLayout:
         return cls(
             layers=plan.num_layers,
             producing_layers=len(plan.producers),
+            layer_types=plan.layer_types,
+            checkpoint_layer_types=getattr(mc.hf_config, "layer_types_overridden_from", None) or plan.layer_types,
             bytes_per_token=plan.kv_bytes_per_token(kv_heads, head_dim, dtype_bytes),
             full_bytes_per_token=plan.full_kv_bytes_per_token(kv_heads, head_dim, dtype_bytes),
             capacity_tokens=blocks * block_size if blocks and block_size else None,
@@ -123,6 +127,8 @@ class ServerMetrics:
                               "(counted against --max-queued-requests)", registry=r)
         self.engine_up = Gauge("lckv_engine_healthy", "1 while the engine is alive", registry=r)
         self.kv_layers = Gauge("lckv_kv_layers", "Decoder layers of the served model", registry=r)
+        self.kv_plan = Gauge("lckv_kv_plan_info", "The active layer_types (label) and the checkpoint's; value 1",
+                             ["layer_types", "checkpoint_layer_types"], registry=r)
         self.kv_producers = Gauge("lckv_kv_producing_layers", "Layers that compute and store KV (own KV pages)",
                                   registry=r)
         self.kv_bytes = Gauge("lckv_kv_bytes_per_token", "KV cache bytes per token (producing layers only)",
@@ -147,6 +153,7 @@ class ServerMetrics:
 
     def render(self, kv: KVLayout, stats: EngineStats, unfinished: int, admitted: int, healthy: bool) -> bytes:
         self.kv_layers.set(kv.layers)
+        self.kv_plan.labels(layer_types=kv.layer_types, checkpoint_layer_types=kv.checkpoint_layer_types).set(1)
         self.kv_producers.set(kv.producing_layers)
         self.kv_bytes.set(kv.bytes_per_token)
         self.kv_full_bytes.set(kv.full_bytes_per_token)

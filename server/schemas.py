@@ -312,6 +312,9 @@ class ModelCard(BaseModel):
     owned_by: str = "lckv-vllm"
     root: str
     max_model_len: int
+    layer_types: str | None = None  # the active LCKV plan
+    checkpoint_layer_types: str | None = None  # the checkpoint's own (differs under --hf-overrides)
+    kv_bytes_per_token: int | None = None
 
 
 class ModelList(BaseModel):

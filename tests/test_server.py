@@ -525,3 +525,31 @@ def test_vllm_serve_completion(vllm_server, tokenizer):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=1)
+
+
+# ---- a deploy-time pattern over HTTP ---------------------------------------------------------------------------------
+
+
+def test_lckv_serve_with_layer_types_override(model_dir, tmp_path):
+    """lckv-serve on an identity checkpoint with --hf-overrides CLA-2: the active plan and its KV bytes per token
+    in /v1/models and /metrics, half the bytes of the checkpoint's own plan, and it serves."""
+    port = free_port()
+    override = "0_0_2_2_4_4"
+    cmd = [str(BIN / "lckv-serve"), str(model_dir("tiny-identity")), "--port", str(port), "--served-model-name", "cla",
+           "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--kv-cache-memory-bytes",
+           str(16 << 20), "--block-size", "16", "--hf-overrides", json.dumps({"layer_types": override})]
+    srv = start_server(cmd, tmp_path / "server.log", server_env(), port)
+    try:
+        card = httpx.get(srv.url + "/v1/models/cla", timeout=30).json()
+        assert card["layer_types"] == override and card["checkpoint_layer_types"] == "0_1_2_3_4_5"
+        assert card["kv_bytes_per_token"] == 3 * 2 * 2 * 32 * 4  # 3 producers x K,V x 2 KV heads x 32 x fp32
+        m = parse_metrics(httpx.get(srv.url + "/metrics", timeout=30).text)
+        assert m["lckv_kv_producing_layers"] == 3 and m["lckv_kv_bytes_per_token"] == card["kv_bytes_per_token"]
+        assert m[f'lckv_kv_plan_info{{checkpoint_layer_types="0_1_2_3_4_5",layer_types="{override}"}}'] == 1
+        r = httpx.post(srv.url + "/v1/completions", timeout=120, json={"model": "cla", "prompt": "Hello",
+                                                                      "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        assert "(override), not the checkpoint's 0_1_2_3_4_5" in (tmp_path / "server.log").read_text()
+    finally:
+        srv.stop()
+        srv.kill_group()
