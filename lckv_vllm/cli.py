@@ -3,6 +3,8 @@
   lckv-vllm plan <model dir | layer_types> [--num-layers N] [--kv-heads K --head-dim D --dtype-bytes B]
   lckv-vllm plan MODEL --budget-gib X --context N [--concurrency C] [--calibrate TEXTFILE]
                                           deploy-time patterns that fit a KV budget, and the override to serve one
+  lckv-vllm train MODEL --out DIR --text FILE [--layer-types STR] [--steps N] [--route-prob P] ...
+                                          train / fine-tune on a text (training core: work in progress)
   lckv-vllm quality MODEL [--layer-types STR ...] --text FILE [--max-tokens N]
                                           perplexity through vLLM under each pattern (applied as an override)
   lckv-vllm make-model (--preset NAME | --layer-types STR --num-layers N ...) --out DIR
@@ -113,6 +115,23 @@ def _cmd_quality(args) -> int:
               f"{r['tokens_scored']:>7d}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .plan import LayerPlanError
+    from .train import train
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+        report = train(args.model, args.out, text, layer_types=args.layer_types, steps=args.steps, batch=args.batch,
+                       seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, route_prob=args.route_prob,
+                       seed=args.seed, eval_every=args.eval_every, progress=not args.no_progress)
+    except (OSError, ValueError, LayerPlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"trained {report['steps']} steps: final loss {report['history'][-1]['loss']:.4f}, held-out loss "
+          f"{report['held_out_loss']:.4f}; checkpoint in {args.out}")
     return 0
 
 
@@ -231,6 +250,22 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--calibrate", metavar="TEXTFILE", help="measure each pattern's perplexity on this text")
     sp.add_argument("--max-tokens", type=int, default=2048, help="tokens of the calibration text to score")
     sp.set_defaults(fn=_cmd_plan)
+
+    sp = sub.add_parser("train", help="train / fine-tune an LCKV checkpoint on a text (parallel iterative training)")
+    sp.add_argument("model", help="checkpoint directory to start from (official format)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--text", required=True, help="training text; the last 10 %% is held out")
+    sp.add_argument("--layer-types", help="train into this plan (default: the checkpoint's)")
+    sp.add_argument("--steps", type=int, default=100)
+    sp.add_argument("--batch", type=int, default=8)
+    sp.add_argument("--seq-len", type=int, default=128)
+    sp.add_argument("--lr", type=float, default=1e-3)
+    sp.add_argument("--warmup", type=int, default=10)
+    sp.add_argument("--route-prob", type=float, default=0.0, help="random cross-layer routing probability")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--eval-every", type=int, default=0)
+    sp.add_argument("--no-progress", action="store_true")
+    sp.set_defaults(fn=_cmd_train)
 
     sp = sub.add_parser("quality", help="perplexity through vLLM, one row per layer_types pattern (an override)")
     sp.add_argument("model")

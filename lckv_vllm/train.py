@@ -156,3 +156,97 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ---- the training loop ---------------------------------------------------------------------------------------------
+def save_checkpoint(model: TrainableLCKV, src: str | Path, out: str | Path) -> Path:
+    """Write the model in the official format: the source's config with the trained plan's `layer_types`, its
+    tokenizer files, and the weights; layers that do not compute KV under the plan carry no k/v projections."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["layer_types"] = model.plan.layer_types
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    consumers = {r.index for r in model.plan.roles if not r.computes_kv}
+    sd = {}
+    for key, value in model.w.items():
+        name = key.replace("/", ".")
+        parts = name.split(".")
+        if len(parts) > 3 and parts[1] == "layers" and int(parts[2]) in consumers and parts[4] in ("k_proj", "v_proj"):
+            continue
+        sd[name] = value.detach().contiguous().clone()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str | None = None, steps: int = 100,
+          batch: int = 8, seq_len: int = 128, lr: float = 1e-3, warmup: int = 10, route_prob: float = 0.0,
+          seed: int = 0, eval_every: int = 0, progress: bool = True) -> dict:
+    """Train (or fine-tune) `model_dir` on `text` (90 % train, the last 10 % held out) and save to `out`.
+
+    `layer_types` replaces the checkpoint's plan (e.g. an identity checkpoint trained into LCKV w2); `route_prob`
+    > 0 trains with random cross-layer routing (the checkpoint's plan must be the identity)."""
+    from transformers import AutoTokenizer
+
+    from . import register
+
+    register()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    plan = LayerPlan.parse(layer_types or cfg["layer_types"], cfg["num_hidden_layers"],
+                           forward_passes=cfg.get("forward_passes", 7), backward_passes=cfg.get("backward_passes", 2),
+                           force_nodiag=cfg.get("force_nodiag", False), sliding_window=cfg.get("sliding_window"))
+    if route_prob > 0 and not plan.is_identity:
+        raise ValueError("--route-prob: random routing trains an identity-plan model (every layer keeps its k/v)")
+    model = TrainableLCKV(model_dir, plan)
+    ids = torch.tensor(AutoTokenizer.from_pretrained(str(model_dir)).encode(text))
+    split = int(len(ids) * 0.9)
+    train_ids, held = ids[:split], ids[split:]
+    if len(train_ids) <= seq_len or len(held) <= seq_len:
+        raise ValueError(f"text: {len(ids)} tokens is too short for --seq-len {seq_len} (needs > {seq_len / 0.1:.0f})")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    history = []
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            windows = held[: (len(held) // seq_len) * seq_len].view(-1, seq_len)[:8]
+            logits = model(windows)
+            return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="train", unit="step")
+    import time
+
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, warmup, lr)
+        starts = [rng.randrange(len(train_ids) - seq_len) for _ in range(batch)]
+        tokens = torch.stack([train_ids[s:s + seq_len] for s in starts])
+        routing = sample_routing(plan.num_layers, route_prob, rng) if route_prob > 0 else None
+        loss = train_step(model, opt, tokens, routing)
+        entry = {"step": step + 1, "loss": loss}
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            entry["held_out_loss"] = held_out_loss()
+        history.append(entry)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(step + 1) * batch * seq_len / (time.perf_counter() - t0):.0f}")
+    if bar is not None:
+        bar.close()
+    save_checkpoint(model, model_dir, out)
+    report = {"layer_types": plan.layer_types, "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
+              "route_prob": route_prob, "seed": seed, "history": history, "held_out_loss": held_out_loss()}
+    (Path(out) / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -56,3 +56,26 @@ def test_cosine_schedule():
     assert cosine_lr(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert cosine_lr(9, 100, 10, 1.0) == pytest.approx(1.0)
     assert cosine_lr(100, 100, 10, 1.0) == pytest.approx(0.1)
+
+
+def test_train_into_w2_then_serve_equals_reference(model_dir, tmp_path, engine):
+    """An identity checkpoint trained for a few steps into the w2 plan: the saved checkpoint (official format,
+    consumers without k/v) loads in vLLM, and its greedy output equals the reference's on the same checkpoint."""
+    from conftest import generate
+    from lckv_vllm.train import train
+
+    text = " ".join(f"line {i}: to be or not to be, that is the question." for i in range(120))
+    report = train(model_dir("tiny-identity"), tmp_path / "w2", text, layer_types="0_4_4_4_4_5", steps=3, batch=2,
+                   seq_len=32, lr=1e-3, warmup=1, eval_every=3, progress=False)
+    assert report["layer_types"] == "0_4_4_4_4_5" and len(report["history"]) == 3
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "w2" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.self_attn.k_proj.weight" not in keys and "model.layers.4.self_attn.k_proj.weight" in keys
+    prompts = [random_prompt(n, seed=320 + n) for n in (1, 12)]
+    results = generate(engine(str(tmp_path / "w2")), prompts, max_tokens=8)
+    ref = ReferenceModel(tmp_path / "w2")
+    for (toks, lps, _), p in zip(results, prompts):
+        rtoks, rlps = ref.generate(p, 8)
+        assert toks == rtoks and max(abs(a - b) for a, b in zip(lps, rlps)) < 1e-3
