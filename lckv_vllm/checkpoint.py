@@ -8,6 +8,7 @@ weights as a plain Llama checkpoint (for identity plans), which is how tests com
 
 Weights are drawn with scale 1/sqrt(fan_in) (embeddings: 1) rather than the training-time 0.02 so that a random
 model has well-separated logits: greedy comparisons between two implementations then test the math, not ties.
+`ModelSpec.init_std` selects the training initialisation instead (the starting point of `lckv-vllm train`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class ModelSpec:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     seed: int = 0
+    tokenizer: str | None = None  # a tokenizer directory (`make-tokenizer`); default: the offline 32k Llama one
+    init_std: float | None = None  # training initialisation N(0, init_std) (e.g. 0.02); default: see the docstring
 
 
 def _tiny(name: str, pat: str, layers: int = 6, **kw) -> tuple[str, ModelSpec]:
@@ -119,13 +122,19 @@ def _cached_tokenizer_dir() -> Path:
     return cache
 
 
-def write_tokenizer(out: Path) -> int:
-    src = _cached_tokenizer_dir()
+def write_tokenizer(out: Path, source: str | Path | None = None) -> int:
+    """Copy a tokenizer's files into `out` (default: the offline 32k Llama tokenizer); returns its vocabulary size."""
+    src = Path(source) if source else _cached_tokenizer_dir()
+    if not (src / "tokenizer.json").exists() and not (src / "tokenizer.model").exists():
+        raise ValueError(f"tokenizer: {src} holds no tokenizer.json / tokenizer.model")
     for f in src.iterdir():
-        if f.is_file():
+        if f.is_file() and f.name != "config.json" and f.suffix != ".safetensors":  # chat_template.jinja too
             shutil.copy(f, out / f.name)
-    cfg = json.loads((out / "tokenizer_config.json").read_text())
-    return 32000 if "vocab_size" not in cfg else int(cfg["vocab_size"])
+    if source is None:
+        return 32000
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(src)))
 
 
 def hf_config_dict(spec: ModelSpec, vocab_size: int) -> dict:
@@ -168,25 +177,34 @@ def random_state_dict(spec: ModelSpec, vocab_size: int) -> dict:
     head_dim = H // spec.num_heads
     inter = spec.intermediate_size or 2 * H
 
-    def lin(out_f: int, in_f: int) -> torch.Tensor:
-        return torch.randn(out_f, in_f, generator=g) / in_f**0.5
+    std = spec.init_std
 
-    sd = {"model.embed_tokens.weight": torch.randn(vocab_size, H, generator=g)}
+    def lin(out_f: int, in_f: int, residual: bool = False) -> torch.Tensor:
+        if std is None:
+            return torch.randn(out_f, in_f, generator=g) / in_f**0.5
+        # training init (GPT-2 style): projections into the residual stream shrink with depth
+        return torch.randn(out_f, in_f, generator=g) * (std / (2 * spec.num_layers) ** 0.5 if residual else std)
+
+    def norm() -> torch.Tensor:
+        return torch.ones(H) if std is not None else 1 + 0.1 * torch.randn(H, generator=g)
+
+    sd = {"model.embed_tokens.weight": torch.randn(vocab_size, H, generator=g) * (1.0 if std is None else std)}
     for i, role in enumerate(plan.roles):
         p = f"model.layers.{i}."
         sd[p + "self_attn.q_proj.weight"] = lin(spec.num_heads * head_dim, H)
         if role.computes_kv:
             sd[p + "self_attn.k_proj.weight"] = lin(spec.num_kv_heads * head_dim, H)
             sd[p + "self_attn.v_proj.weight"] = lin(spec.num_kv_heads * head_dim, H)
-        sd[p + "self_attn.o_proj.weight"] = lin(H, spec.num_heads * head_dim)
+        sd[p + "self_attn.o_proj.weight"] = lin(H, spec.num_heads * head_dim, residual=True)
         sd[p + "mlp.gate_proj.weight"] = lin(inter, H)
         sd[p + "mlp.up_proj.weight"] = lin(inter, H)
-        sd[p + "mlp.down_proj.weight"] = lin(H, inter)
-        sd[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
-        sd[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
-    sd["model.norm.weight"] = 1 + 0.1 * torch.randn(H, generator=g)
+        sd[p + "mlp.down_proj.weight"] = lin(H, inter, residual=True)
+        sd[p + "input_layernorm.weight"] = norm()
+        sd[p + "post_attention_layernorm.weight"] = norm()
+    sd["model.norm.weight"] = norm()
     if not spec.tie_word_embeddings:
-        sd["lm_head.weight"] = lin(vocab_size, H) * 4.0  # spread logits (see module docstring)
+        # random models: spread logits (see module docstring)
+        sd["lm_head.weight"] = lin(vocab_size, H) * (4.0 if std is None else 1.0)
     return sd
 
 
@@ -195,7 +213,7 @@ def make_model(spec: ModelSpec, out: str | Path) -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    vocab = write_tokenizer(out)
+    vocab = write_tokenizer(out, spec.tokenizer)
     cfg = hf_config_dict(spec, vocab)
     LayerPlan.parse(cfg["layer_types"], cfg["num_hidden_layers"], force_nodiag=spec.force_nodiag,
                     sliding_window=spec.sliding_window)  # validate before writing weights

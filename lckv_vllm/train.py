@@ -1,12 +1,12 @@
-"""Training core (work in progress): a differentiable, batched LCKV model and the paper's parallel iterative training.
+"""Training: a differentiable, batched LCKV model and the paper's parallel iterative training (`lckv-vllm train`).
 
-What exists: `TrainableLCKV` loads a checkpoint directory (the official format) into float32 parameters and runs the
+`TrainableLCKV` loads a checkpoint directory (the official format) into float32 parameters and runs the
 served semantics on a batch of equal-length sequences; each cyclic segment runs `m` passes without gradient from
 zero-initialised producer K/V, then `b` passes with gradient, and the loss is taken on the last (acyclic plans: one
 pass).  `sample_routing` draws a random cross-layer routing (each layer attends to its own K/V or, with probability p,
 to a preceding layer's), and `train_step` does one AdamW step.  Checked against the float64 reference in
-`tests/test_train.py`.  Not yet: the `lckv-vllm train` command (schedule, evaluation, checkpoints, data), trained
-models, and serving them.
+`tests/test_train.py`.  `train` is the command's loop: random windows of the text, AdamW with warm-up + cosine,
+periodic held-out loss, resumable state, and an official-format checkpoint (the source's tokenizer files) at the end.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ class TrainableLCKV(nn.Module):
         for f in sorted(model_dir.glob("*.safetensors")):
             sd.update(load_file(str(f)))
         # parameter names cannot contain dots: store them with "/" and map back when saving
+        missing = [p for p in self.plan.producers if f"model.layers.{p}.self_attn.k_proj.weight" not in sd]
+        if missing:
+            raise ValueError(f"layer_types: layers {missing} compute KV under {self.plan.layer_types!r} but the "
+                             f"checkpoint has no k/v projections for them (it was saved with another plan)")
         self.w = nn.ParameterDict({k.replace(".", "/"): nn.Parameter(v.float()) for k, v in sd.items()})
         c = self.cfg
         self.nh = c.num_attention_heads
@@ -159,9 +163,15 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 # ---- the training loop ---------------------------------------------------------------------------------------------
-def save_checkpoint(model: TrainableLCKV, src: str | Path, out: str | Path) -> Path:
+STATE_FILE = "train_state.pt"
+# What a resumed run must share with the run that wrote the state (anything else would silently change the run).
+RESUME_FIELDS = ("layer_types", "steps", "batch", "seq_len", "lr", "warmup", "route_prob", "seed")
+
+
+def save_checkpoint(model: TrainableLCKV, src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     """Write the model in the official format: the source's config with the trained plan's `layer_types`, its
-    tokenizer files, and the weights; layers that do not compute KV under the plan carry no k/v projections."""
+    tokenizer files, and the weights in `dtype`; layers that do not compute KV under the plan carry no k/v
+    projections."""
     import shutil
 
     from safetensors.torch import save_file
@@ -169,10 +179,12 @@ def save_checkpoint(model: TrainableLCKV, src: str | Path, out: str | Path) -> P
     src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", STATE_FILE,
+                                                                          "train_report.json"):
             shutil.copy(f, out / f.name)
     cfg = json.loads((src / "config.json").read_text())
     cfg["layer_types"] = model.plan.layer_types
+    cfg["torch_dtype"] = dtype
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     consumers = {r.index for r in model.plan.roles if not r.computes_kv}
     sd = {}
@@ -181,23 +193,39 @@ def save_checkpoint(model: TrainableLCKV, src: str | Path, out: str | Path) -> P
         parts = name.split(".")
         if len(parts) > 3 and parts[1] == "layers" and int(parts[2]) in consumers and parts[4] in ("k_proj", "v_proj"):
             continue
-        sd[name] = value.detach().contiguous().clone()
+        sd[name] = value.detach().to("cpu", getattr(torch, dtype)).contiguous().clone()
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
+def _save_state(path: Path, **state) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interrupted save leaves the previous state intact
+
+
 def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str | None = None, steps: int = 100,
           batch: int = 8, seq_len: int = 128, lr: float = 1e-3, warmup: int = 10, route_prob: float = 0.0,
-          seed: int = 0, eval_every: int = 0, progress: bool = True) -> dict:
-    """Train (or fine-tune) `model_dir` on `text` (90 % train, the last 10 % held out) and save to `out`.
+          seed: int = 0, eval_every: int = 0, held_out_text: str | None = None, save_every: int = 0,
+          resume: bool = False, stop_after: int | None = None, device: str | None = None, save_dtype: str = "float32",
+          progress: bool = True) -> dict:
+    """Train (or fine-tune) `model_dir` on `text` and save the checkpoint to `out`.
 
+    Held-out loss: on `held_out_text` if given, else on the last 10 % of `text` (then not trained on).
     `layer_types` replaces the checkpoint's plan (e.g. an identity checkpoint trained into LCKV w2); `route_prob`
-    > 0 trains with random cross-layer routing (the checkpoint's plan must be the identity)."""
+    > 0 trains with random cross-layer routing (the checkpoint's plan must be the identity).  `save_every` N writes
+    `out/train_state.pt` (weights, AdamW state, step, RNG states, history) every N steps; `resume` continues from it
+    with the same hyperparameters; `stop_after` N ends this run after N steps (state and checkpoint saved: for
+    time-limited machines, continue with `resume`).  `device`: "cpu", "cuda", ... (default: cuda when present).  `save_dtype`: the
+    checkpoint's weight dtype (training is float32; bfloat16/float16 halve the file)."""
+    import time
+
     from transformers import AutoTokenizer
 
     from . import register
 
     register()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -206,18 +234,45 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
                            force_nodiag=cfg.get("force_nodiag", False), sliding_window=cfg.get("sliding_window"))
     if route_prob > 0 and not plan.is_identity:
         raise ValueError("--route-prob: random routing trains an identity-plan model (every layer keeps its k/v)")
-    model = TrainableLCKV(model_dir, plan)
-    ids = torch.tensor(AutoTokenizer.from_pretrained(str(model_dir)).encode(text))
-    split = int(len(ids) * 0.9)
-    train_ids, held = ids[:split], ids[split:]
+    if save_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--save-dtype: {save_dtype!r} is not float32, bfloat16 or float16")
+    if not 0 <= route_prob <= 1:
+        raise ValueError(f"--route-prob: {route_prob} is not a probability")
+    model = TrainableLCKV(model_dir, plan).to(device)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = torch.tensor(tok.encode(text))
+    if held_out_text is None:
+        split = int(len(ids) * 0.9)
+        train_ids, held = ids[:split], ids[split:]
+    else:
+        train_ids, held = ids, torch.tensor(tok.encode(held_out_text))
     if len(train_ids) <= seq_len or len(held) <= seq_len:
-        raise ValueError(f"text: {len(ids)} tokens is too short for --seq-len {seq_len} (needs > {seq_len / 0.1:.0f})")
+        raise ValueError(f"text: {len(train_ids)} training / {len(held)} held-out tokens; each must exceed "
+                         f"--seq-len {seq_len}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    history = []
+    hparams = {"layer_types": plan.layer_types, "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
+               "warmup": warmup, "route_prob": route_prob, "seed": seed}
+    history: list[dict] = []
+    first = 0
+    Path(out).mkdir(parents=True, exist_ok=True)
+    state_path = Path(out) / STATE_FILE
+    if resume:
+        if not state_path.exists():
+            raise ValueError(f"--resume: {state_path} does not exist (train with --save-every first)")
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        bad = [f for f in RESUME_FIELDS if state["hparams"][f] != hparams[f]]
+        if bad:
+            raise ValueError("--resume: " + ", ".join(f"{f} was {state['hparams'][f]!r}, now {hparams[f]!r}"
+                                                     for f in bad))
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        first, history = state["step"], state["history"]
+    windows = held[: (len(held) // seq_len) * seq_len].view(-1, seq_len)[:8].to(device)
 
     def held_out_loss() -> float:
         with torch.no_grad():
-            windows = held[: (len(held) // seq_len) * seq_len].view(-1, seq_len)[:8]
             logits = model(windows)
             return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)))
 
@@ -225,28 +280,37 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, desc="train", unit="step")
-    import time
-
+        bar = tqdm(total=steps, initial=first, desc="train", unit="step")
     t0 = time.perf_counter()
-    for step in range(steps):
+    last = steps if stop_after is None else min(steps, first + stop_after)
+    for step in range(first, last):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, warmup, lr)
         starts = [rng.randrange(len(train_ids) - seq_len) for _ in range(batch)]
-        tokens = torch.stack([train_ids[s:s + seq_len] for s in starts])
+        tokens = torch.stack([train_ids[s:s + seq_len] for s in starts]).to(device)
         routing = sample_routing(plan.num_layers, route_prob, rng) if route_prob > 0 else None
         loss = train_step(model, opt, tokens, routing)
         entry = {"step": step + 1, "loss": loss}
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             entry["held_out_loss"] = held_out_loss()
         history.append(entry)
+        if save_every and ((step + 1) % save_every == 0 or step + 1 == last):
+            _save_state(state_path, step=step + 1, hparams=hparams, model=model.state_dict(), opt=opt.state_dict(),
+                        rng=rng.getstate(), torch_rng=torch.get_rng_state(), history=history)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(step + 1) * batch * seq_len / (time.perf_counter() - t0):.0f}")
+            done = (step + 1 - first) * batch * seq_len
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{done / (time.perf_counter() - t0):.0f}")
     if bar is not None:
         bar.close()
-    save_checkpoint(model, model_dir, out)
-    report = {"layer_types": plan.layer_types, "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
-              "route_prob": route_prob, "seed": seed, "history": history, "held_out_loss": held_out_loss()}
+    if save_every == 0 and last < steps:  # stopping early without state would lose the run
+        _save_state(state_path, step=last, hparams=hparams, model=model.state_dict(), opt=opt.state_dict(),
+                    rng=rng.getstate(), torch_rng=torch.get_rng_state(), history=history)
+    seconds = time.perf_counter() - t0
+    save_checkpoint(model, model_dir, out, save_dtype)
+    report = dict(hparams, history=history, held_out_loss=held_out_loss(), held_out_tokens=int(windows.numel()),
+                  train_tokens=int(len(train_ids)), device=device, seconds_this_run=round(seconds, 1),
+                  tokens_per_s=round((last - first) * batch * seq_len / max(seconds, 1e-9), 1),
+                  resumed_from_step=first, completed_steps=last)
     (Path(out) / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -108,3 +108,40 @@ def test_wheel_ships_no_tests_or_benchmarks(tmp_path):
     assert "lckv_vllm/kernels/paged_attention.py" in names and "lckv_vllm/attention/step.py" in names
     shipped = [n for n in names if n.rsplit("/", 1)[-1].startswith(("test_", "conftest", "bench"))]
     assert shipped == [], shipped
+
+
+def test_train_and_tokenizer_errors_name_the_field(model_dir, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be " * 400)
+    r = run("make-tokenizer", "--text", str(text), "--vocab-size", "50", "--out", str(tmp_path / "tok"))
+    assert r.returncode == 2 and "vocab_size" in r.stderr
+    r = run("train", str(model_dir("tiny-identity")), "--out", str(tmp_path / "o"), "--text", str(text), "--resume")
+    assert r.returncode == 2 and "--resume" in r.stderr and "train_state.pt" in r.stderr
+    r = run("train", str(model_dir("tiny-identity")), "--out", str(tmp_path / "o"), "--text", str(text),
+            "--save-dtype", "int8")
+    assert r.returncode == 2 and "--save-dtype" in r.stderr
+    r = run("train", str(model_dir("tiny-identity")), "--out", str(tmp_path / "o"), "--text", str(text),
+            "--route-prob", "1.5")
+    assert r.returncode == 2 and "--route-prob" in r.stderr
+    r = run("make-model", "--layer-types", "0_1", "--num-layers", "2", "--tokenizer", str(tmp_path / "nowhere"),
+            "--out", str(tmp_path / "m"))
+    assert r.returncode == 2 and "tokenizer" in r.stderr
+
+
+def test_train_command_end_to_end(model_dir, tmp_path):
+    """`lckv-vllm train` with a held-out file, periodic state and bf16 weights: a servable official-format folder."""
+    import json
+
+    text, held = tmp_path / "t.txt", tmp_path / "h.txt"
+    text.write_text("to be or not to be, that is the question. " * 60)
+    held.write_text("whether 'tis nobler in the mind to suffer. " * 20)
+    r = run("train", str(model_dir("tiny-identity")), "--out", str(tmp_path / "o"), "--text", str(text),
+            "--held-out", str(held), "--layer-types", "0_0_2_2_4_4", "--steps", "2", "--batch", "2", "--seq-len",
+            "32", "--save-every", "1", "--save-dtype", "bfloat16", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "trained 2 of 2 steps" in r.stdout and "held-out loss" in r.stdout
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["layer_types"] == "0_0_2_2_4_4" and cfg["torch_dtype"] == "bfloat16"
+    assert (tmp_path / "o" / "train_state.pt").exists() and (tmp_path / "o" / "tokenizer.json").exists()
+    report = json.loads((tmp_path / "o" / "train_report.json").read_text())
+    assert report["completed_steps"] == 2 and report["train_tokens"] > report["held_out_tokens"] > 0
