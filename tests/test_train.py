@@ -1,5 +1,6 @@
 """The training core (lckv_vllm/train.py) against the float64 reference, and that training steps learn."""
 
+import math
 import random
 
 import pytest
@@ -79,3 +80,123 @@ def test_train_into_w2_then_serve_equals_reference(model_dir, tmp_path, engine):
     for (toks, lps, _), p in zip(results, prompts):
         rtoks, rlps = ref.generate(p, 8)
         assert toks == rtoks and max(abs(a - b) for a, b in zip(lps, rlps)) < 1e-3
+
+
+TEXT = " ".join(f"line {i}: to be or not to be, that is the question; whether 'tis nobler in the mind." for i in range(150))
+
+
+def test_resume_equals_an_uninterrupted_run(model_dir, tmp_path):
+    """Stopped after 2 of 4 steps and resumed from train_state.pt: the same weights and history, to the bit, as one
+    uninterrupted run (AdamW state, step, and the data/routing RNG all restored)."""
+    from lckv_vllm.train import train
+
+    kw = dict(layer_types="0_4_4_4_4_5", steps=4, batch=2, seq_len=32, lr=1e-3, warmup=1, eval_every=2,
+              progress=False)
+    whole = train(model_dir("tiny-identity"), tmp_path / "whole", TEXT, **kw)
+    part = train(model_dir("tiny-identity"), tmp_path / "parts", TEXT, stop_after=2, **kw)
+    assert part["completed_steps"] == 2 and (tmp_path / "parts" / "train_state.pt").exists()
+    rest = train(model_dir("tiny-identity"), tmp_path / "parts", TEXT, resume=True, **kw)
+    assert rest["resumed_from_step"] == 2 and rest["completed_steps"] == 4
+    assert rest["history"] == whole["history"]
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "parts" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "whole" / "train_state.pt").exists()  # no --save-every, not stopped early: no state file
+
+
+def test_resume_refuses_changed_hyperparameters(model_dir, tmp_path):
+    from lckv_vllm.train import train
+
+    kw = dict(steps=3, batch=2, seq_len=32, warmup=1, progress=False)
+    train(model_dir("tiny-identity"), tmp_path / "o", TEXT, stop_after=1, **kw)
+    with pytest.raises(ValueError, match="--resume: batch was 2, now 3"):
+        train(model_dir("tiny-identity"), tmp_path / "o", TEXT, resume=True, **dict(kw, batch=3))
+    with pytest.raises(ValueError, match="--resume: .* does not exist"):
+        train(model_dir("tiny-identity"), tmp_path / "none", TEXT, resume=True, **kw)
+
+
+def test_random_routing_needs_an_identity_plan(model_dir, tmp_path):
+    from lckv_vllm.train import train
+
+    with pytest.raises(ValueError, match="--route-prob"):
+        train(model_dir("tiny-w2"), tmp_path / "o", TEXT, route_prob=0.5, steps=1, batch=1, seq_len=16,
+              progress=False)
+
+
+def test_routed_training_sees_only_acyclic_routings(model_dir, tmp_path, monkeypatch):
+    """Every routing the loop trains with reads the layer itself or a preceding one, and some read another layer."""
+    import lckv_vllm.train as tr
+
+    seen = []
+    real = tr.train_step
+
+    def spy(model, opt, tokens, routing=None):
+        seen.append(routing)
+        return real(model, opt, tokens, routing)
+
+    monkeypatch.setattr(tr, "train_step", spy)
+    tr.train(model_dir("tiny-identity"), tmp_path / "o", TEXT, route_prob=0.5, steps=6, batch=1, seq_len=16,
+             warmup=1, progress=False)
+    assert len(seen) == 6 and all(r[0] == 0 and all(j <= i for i, j in enumerate(r)) for r in seen)
+    assert any(j < i for r in seen for i, j in enumerate(r))
+
+
+def test_tokenizer_and_training_init(tmp_path):
+    """make-tokenizer: a byte-level BPE that AutoTokenizer (and so vLLM) loads, BOS first, lossless on any text;
+    make-model --tokenizer --init-std: vocab from it, weights at the training scale."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from lckv_vllm.checkpoint import ModelSpec, make_model
+    from lckv_vllm.tokenizer import train_tokenizer
+
+    assert train_tokenizer(TEXT * 3, 400, tmp_path / "tok") == 400
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    ids = tok.encode("to be or not to be — é ü 漢")
+    assert ids[0] == tok.bos_token_id == 1 and tok.eos_token_id == 2 and len(tok) == 400
+    assert tok.decode(ids, skip_special_tokens=True) == "to be or not to be — é ü 漢"
+    assert len(tok.encode("to be or not to be")) < len("to be or not to be") // 2  # merges learned
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(TEXT, 100, tmp_path / "bad")
+    out = make_model(ModelSpec(layer_types="0_1_2_3", num_layers=4, hidden_size=64, tokenizer=str(tmp_path / "tok"),
+                               init_std=0.02, tie_word_embeddings=True), tmp_path / "m")
+    import json
+
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 400
+    sd = load_file(str(out / "model.safetensors"))
+    assert sd["model.embed_tokens.weight"].shape == (400, 64)
+    assert abs(sd["model.embed_tokens.weight"].std().item() - 0.02) < 0.003
+    assert torch.equal(sd["model.norm.weight"], torch.ones(64))
+
+
+def test_training_into_a_plan_without_the_producers_weights_is_refused(model_dir):
+    from lckv_vllm.plan import LayerPlan
+
+    with pytest.raises(ValueError, match=r"layers \[1, 2, 3\] compute KV"):
+        TrainableLCKV(model_dir("tiny-w2"), LayerPlan.parse("0_1_2_3_4_5", 6))
+
+
+@pytest.mark.parametrize("name", ["shakespeare-lckv-w2", "shakespeare-identity"])
+def test_committed_trained_models_serve_as_the_reference_says(engine, name):
+    """The trained models of `make demo` (examples/, bf16 weights served in float32): vLLM's greedy tokens equal the
+    reference's, and they are trained (a low perplexity on Shakespeare through vLLM)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from conftest import generate
+    from lckv_vllm import register
+
+    register()  # AutoTokenizer reads config.json: model_type "lckv-llama" must be known
+    path = Path(__file__).resolve().parent.parent / "examples" / name
+    tok = AutoTokenizer.from_pretrained(str(path))
+    prompts = [tok.encode(p) for p in ("KING.\nMy lords, ", "ROMEO.\nO, ")]
+    results = generate(engine(str(path)), prompts, max_tokens=12)
+    ref = ReferenceModel(path)
+    for (toks, lps, _), p in zip(results, prompts):
+        rtoks, rlps = ref.generate(p, 12)
+        assert toks == rtoks and max(abs(a - b) for a, b in zip(lps, rlps)) < 1e-3
+    # trained, not random: a Shakespeare passage scores far below the ~4,096 perplexity of an untrained model
+    from lckv_vllm.deploy import prompt_nll
+
+    passage = (Path(__file__).resolve().parent.parent / "benchmarks/results/shakespeare_heldout.txt").read_text()
+    nll, n = prompt_nll(engine(str(path)), [tok.encode(passage)[:256]])
+    assert math.exp(nll / n) < 500
