@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,25 +35,9 @@ BLOCK_SIZE = 128  # vLLM's CPU default; CPU_ATTN needs a multiple of 32
 
 
 def machine() -> dict:
-    import torch
-    import vllm
+    from lckv_vllm.harness import machine as describe
 
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "vllm": vllm.__version__,
-        "avx512": bool(torch.cpu._is_avx512_supported()),
-    }
+    return describe()
 
 
 def build_engine(path: str, args, env: dict | None = None):

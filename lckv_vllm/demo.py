@@ -14,38 +14,18 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from .harness import free_port, stop_process, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = [("LCKV w2", ROOT / "examples" / "shakespeare-lckv-w2"), ("identity", ROOT / "examples" / "shakespeare-identity")]
 PROMPT = "ROMEO.\n"
 # Sampled (a tiny model's greedy text loops), with a fixed per-request seed: the same answer on every run.
 REQUEST = {"prompt": PROMPT, "max_tokens": 48, "temperature": 0.7, "top_p": 0.95, "seed": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"server not ready after {timeout:.0f} s")
 
 
 def kv_bytes_per_token(model: Path, dtype_bytes: int = 4) -> tuple[int, str, int, int]:
@@ -85,11 +65,8 @@ def serve_and_ask(model: Path, name: str) -> str:
             raise RuntimeError(f"empty completion: {answer}")
         return text
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGTERM)  # `vllm serve` runs its engine in a child process: stop the group
+        stop_process(proc, 30)
 
 
 def main() -> int:

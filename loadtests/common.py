@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +13,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from lckv_vllm.harness import free_port, log_tail, stop_process
+
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def model_path(spec: str, tmp: Path) -> Path:
@@ -56,20 +50,13 @@ class Server:
     log: Path
 
     def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return log_tail(self.log, n)
 
     def metrics(self) -> dict[str, float]:
         return read_metrics(self.url)
 
     def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
 def start_server(path: Path, log: Path, *, name: str = "tiny", api_key: str | None = None,

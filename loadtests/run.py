@@ -58,7 +58,7 @@ def _metrics(url: str) -> dict[str, float]:
 
 
 def _run_one(name: str, path: Path, args, tmp: Path) -> dict:
-    from lckv_vllm.demo import free_port, wait_ready
+    from lckv_vllm.harness import free_port, wait_ready
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

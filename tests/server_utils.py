@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from lckv_vllm.harness import free_port, log_tail, stop_process  # noqa: F401  (free_port: re-exported)
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_env(**extra: str) -> dict:
@@ -38,21 +33,11 @@ class ServerProc:
     log: Path
 
     def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log, n)
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM the server (not its process group: the server must clean up its engine itself)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
     def kill_group(self) -> None:
         """Last resort for fixtures: whatever is left of the server's process group."""

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -150,22 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _machine() -> dict:
-    import torch
-    import vllm
+    from lckv_vllm.harness import machine
 
-    import lckv_vllm
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "vllm": vllm.__version__, "lckv_vllm": lckv_vllm.__version__, "os": platform.system(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return machine()
 
 
 def _prompts(seed: int, tag: str, n: int, length: int) -> list[list[int]]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from lckv_vllm.harness import log_tail, stop_process
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -60,21 +61,15 @@ class Server:
         Path(f"{self.stats}.reset").write_text("")
 
     def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        return log_tail(self.log, n)
 
     def stop(self, timeout: float = 60) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process(self.proc, timeout)
 
 
 def launch(name: str, path: Path, budget_bytes: int, opts: dict, tmp: Path) -> Server:
     """Start lckv-serve (through serve_probe.py) without waiting for it: servers start side by side."""
-    from lckv_vllm.demo import free_port
+    from lckv_vllm.harness import free_port
 
     port = free_port()
     url = f"http://{HOST}:{port}"
@@ -98,7 +93,7 @@ def launch(name: str, path: Path, budget_bytes: int, opts: dict, tmp: Path) -> S
 def wait_ready(srv: Server, timeout: float = 900) -> None:
     """Wait for /health, send one short request (the first measured TTFT is then not the engine's first-step
     set-up) and read the KV capacity from /metrics."""
-    from lckv_vllm.demo import wait_ready as wait_health
+    from lckv_vllm.harness import wait_ready as wait_health
 
     try:
         wait_health(srv.url, srv.proc, timeout=timeout)
