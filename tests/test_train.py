@@ -200,3 +200,21 @@ def test_committed_trained_models_serve_as_the_reference_says(engine, name):
     passage = (Path(__file__).resolve().parent.parent / "benchmarks/results/shakespeare_heldout.txt").read_text()
     nll, n = prompt_nll(engine(str(path)), [tok.encode(passage)[:256]])
     assert math.exp(nll / n) < 500
+
+
+def test_fine_tune_an_imported_llama_into_lckv(model_dir, tmp_path):
+    """The fine-tuning path of a real model (e.g. SmolLM2): a plain Llama checkpoint imported with a w2 plan (its
+    consumers' k/v dropped) trains, its loss falls, and the result keeps the official format."""
+    import json
+
+    from lckv_vllm.checkpoint import export_llama, import_llama
+    from lckv_vllm.train import train
+
+    llama = export_llama(model_dir("tiny-identity"), tmp_path / "llama")
+    lckv = import_llama(llama, tmp_path / "lckv", "0_4_4_4_4_5")
+    report = train(lckv, tmp_path / "ft", TEXT, steps=8, batch=2, seq_len=32, lr=3e-3, warmup=1, eval_every=8,
+                   progress=False)
+    assert report["layer_types"] == "0_4_4_4_4_5" and report["history"][-1]["loss"] < report["history"][0]["loss"]
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["model_type"] == "lckv-llama" and cfg["layer_types"] == "0_4_4_4_4_5"
+    TrainableLCKV(tmp_path / "ft")  # loads back: producers have k/v, consumers none
