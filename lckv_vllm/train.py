@@ -301,6 +301,9 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
             bar.update(1)
             done = (step + 1 - first) * batch * seq_len
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{done / (time.perf_counter() - t0):.0f}")
+            if "held_out_loss" in entry:  # a line per evaluation stays on screen above the bar
+                bar.write(f"step {step + 1}: train loss {loss:.4f}, held-out loss {entry['held_out_loss']:.4f} "
+                          f"(perplexity {math.exp(entry['held_out_loss']):.2f})")
     if bar is not None:
         bar.close()
     if save_every == 0 and last < steps:  # stopping early without state would lose the run
