@@ -30,12 +30,12 @@ REQUEST = {"prompt": PROMPT, "max_tokens": 48, "temperature": 0.7, "top_p": 0.95
 
 def kv_bytes_per_token(model: Path, dtype_bytes: int = 4) -> tuple[int, str, int, int]:
     """(KV bytes per token at `dtype_bytes`, layer_types, layers keeping KV, layers) of a checkpoint."""
+    import argparse
+
     from .deploy import kv_shape, load_config
     from .plan import plan_from_config
 
     cfg = load_config(model)
-    import argparse
-
     plan = plan_from_config(argparse.Namespace(**cfg))
     heads, head_dim = kv_shape(cfg)
     return plan.kv_bytes_per_token(heads, head_dim, dtype_bytes), plan.layer_types, len(plan.producers), plan.num_layers

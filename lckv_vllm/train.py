@@ -216,8 +216,8 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
     > 0 trains with random cross-layer routing (the checkpoint's plan must be the identity).  `save_every` N writes
     `out/train_state.pt` (weights, AdamW state, step, RNG states, history) every N steps; `resume` continues from it
     with the same hyperparameters; `stop_after` N ends this run after N steps (state and checkpoint saved: for
-    time-limited machines, continue with `resume`).  `device`: "cpu", "cuda", ... (default: cuda when present).  `save_dtype`: the
-    checkpoint's weight dtype (training is float32; bfloat16/float16 halve the file)."""
+    time-limited machines, continue with `resume`).  `device`: "cpu", "cuda", ... (default: cuda when present).
+    `save_dtype`: the checkpoint's weight dtype (training is float32; bfloat16/float16 halve the file)."""
     import time
 
     from transformers import AutoTokenizer
@@ -259,7 +259,8 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
     if resume:
         if not state_path.exists():
             raise ValueError(f"--resume: {state_path} does not exist (train with --save-every first)")
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        # on the CPU: the RNG state must stay a CPU tensor; load_state_dict moves weights and AdamW moments to `device`
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
         bad = [f for f in RESUME_FIELDS if state["hparams"][f] != hparams[f]]
         if bad:
             raise ValueError("--resume: " + ", ".join(f"{f} was {state['hparams'][f]!r}, now {hparams[f]!r}"
@@ -275,6 +276,10 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
         with torch.no_grad():
             logits = model(windows)
             return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1)))
+
+    def save_state(step: int) -> None:
+        _save_state(state_path, step=step, hparams=hparams, model=model.state_dict(), opt=opt.state_dict(),
+                    rng=rng.getstate(), torch_rng=torch.get_rng_state(), history=history)
 
     bar = None
     if progress:
@@ -295,8 +300,7 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
             entry["held_out_loss"] = held_out_loss()
         history.append(entry)
         if save_every and ((step + 1) % save_every == 0 or step + 1 == last):
-            _save_state(state_path, step=step + 1, hparams=hparams, model=model.state_dict(), opt=opt.state_dict(),
-                        rng=rng.getstate(), torch_rng=torch.get_rng_state(), history=history)
+            save_state(step + 1)
         if bar is not None:
             bar.update(1)
             done = (step + 1 - first) * batch * seq_len
@@ -307,8 +311,7 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
     if bar is not None:
         bar.close()
     if save_every == 0 and last < steps:  # stopping early without state would lose the run
-        _save_state(state_path, step=last, hparams=hparams, model=model.state_dict(), opt=opt.state_dict(),
-                    rng=rng.getstate(), torch_rng=torch.get_rng_state(), history=history)
+        save_state(last)
     seconds = time.perf_counter() - t0
     save_checkpoint(model, model_dir, out, save_dtype)
     report = dict(hparams, history=history, held_out_loss=held_out_loss(), held_out_tokens=int(windows.numel()),
