@@ -75,3 +75,19 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "vllm": vllm.__version__, "lckv_vllm": lckv_vllm.__version__, "os": platform.system(),
             "avx512": bool(torch.cpu._is_avx512_supported()), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} (comments dropped)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    """GET `url`/metrics, parsed."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        return parse_metrics(r.read().decode())

@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lckv_vllm.harness import free_port, log_tail, stop_process
+from lckv_vllm.harness import free_port, log_tail, read_metrics, stop_process, wait_ready
 
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
@@ -29,18 +29,6 @@ def model_path(spec: str, tmp: Path) -> Path:
     if not (path / "config.json").exists():
         raise SystemExit(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
     return path
-
-
-def read_metrics(url: str) -> dict[str, float]:
-    """GET /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 @dataclass
@@ -71,18 +59,12 @@ def start_server(path: Path, log: Path, *, name: str = "tiny", api_key: str | No
         env["LCKV_API_KEY"] = api_key
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     srv = Server(proc, url, log)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"lckv-serve exited with {proc.returncode} before it was ready:\n{srv.log_tail()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return srv
-        except OSError:
-            time.sleep(0.5)
-    srv.stop(10)
-    raise SystemExit(f"lckv-serve not ready after {timeout:.0f} s:\n{srv.log_tail()}")
+    try:
+        wait_ready(url, proc, timeout)
+    except (RuntimeError, TimeoutError) as e:
+        srv.stop(10)
+        raise SystemExit(f"lckv-serve: {e}:\n{srv.log_tail()}") from None
+    return srv
 
 
 def post_json(url: str, body: dict, api_key: str | None = None, timeout: float = 120) -> dict:

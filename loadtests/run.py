@@ -46,19 +46,8 @@ def _prepare(spec: str, tmp: Path) -> tuple[str, Path]:
     return path.name, path
 
 
-def _metrics(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("lckv_kv_") or line.startswith("lckv_requests_total"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
-
-
 def _run_one(name: str, path: Path, args, tmp: Path) -> dict:
-    from lckv_vllm.harness import free_port, wait_ready
+    from lckv_vllm.harness import free_port, read_metrics, wait_ready
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -91,7 +80,7 @@ def _run_one(name: str, path: Path, args, tmp: Path) -> dict:
         print(f"[{name}] locust: {args.users} users, {args.requests} requests, at most {args.run_time} s", flush=True)
         subprocess.run(locust, env=load_env, timeout=args.run_time + 120, check=False, stdout=subprocess.DEVNULL)
         result = json.loads(out.read_text())
-        kv = _metrics(url)
+        kv = {k: v for k, v in read_metrics(url).items() if k.startswith(("lckv_kv_", "lckv_requests_total"))}
         result["kv"] = {k.removeprefix("lckv_kv_"): v for k, v in kv.items() if k.startswith("lckv_kv_")}
         return result
     finally:

@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lckv_vllm.harness import free_port, log_tail, stop_process  # noqa: F401  (free_port: re-exported)
+from lckv_vllm.harness import free_port, log_tail, parse_metrics, stop_process  # noqa: F401  (re-exported)
 
 BIN = Path(sys.executable).parent
 
@@ -63,16 +63,6 @@ def start_server(cmd: list[str], log: Path, env: dict, port: int, timeout: float
             time.sleep(0.5)
     srv.kill_group()
     raise TimeoutError(f"server not ready after {timeout:.0f} s:\n{srv.log_tail()}")
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value} (comments dropped)."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 class StubEngine:

@@ -19,25 +19,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lckv_vllm.harness import log_tail, stop_process
+from lckv_vllm.harness import log_tail, read_metrics, stop_process
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
-
-
-def _metrics(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            try:
-                out[key] = float(value)
-            except ValueError:
-                pass
-    return out
 
 
 @dataclass
@@ -105,7 +91,7 @@ def wait_ready(srv: Server, timeout: float = 900) -> None:
     req = urllib.request.Request(srv.url + "/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     urllib.request.urlopen(req, timeout=300).read()
-    cap = _metrics(srv.url).get("lckv_kv_capacity_tokens")
+    cap = read_metrics(srv.url).get("lckv_kv_capacity_tokens")
     srv.capacity_tokens = int(cap) if cap is not None else None
 
 
