@@ -137,7 +137,9 @@ def perplexities(model: str | Path, patterns: list[str | None], text: str, *, ma
                  progress=print) -> list[dict]:
     """Perplexity of `text` under each pattern (None: the checkpoint's own), each served by a vLLM engine with the
     pattern applied as `hf_overrides`.  Engines stay alive until the end (vLLM tears down process-wide state when
-    one is destroyed)."""
+    one is destroyed).  Each window is encoded the way the model defines it, whole and with m+b passes (tolerance
+    0), so patterns are compared on the model alone; what the serving defaults (adaptive passes, chunked prefill)
+    change is measured by benchmarks/convergence.py."""
     from vllm import LLM
 
     config = load_config(model)
@@ -149,8 +151,9 @@ def perplexities(model: str | Path, patterns: list[str | None], text: str, *, ma
         kw = dict(dtype=dtype, max_model_len=max(len(w) for w in windows) + 1, kv_cache_memory_bytes=kv_bytes,
                   enable_prefix_caching=False, enforce_eager=True, seed=0)
         kw.update(engine_kwargs or {})
-        if lt is not None:
-            kw["hf_overrides"] = {"layer_types": lt}
+        exact = {"lckv_prefill_tol": 0.0, "lckv_chunked_prefill": False}
+        kw["hf_overrides"] = {**exact, **({"layer_types": lt} if lt is not None else {}),
+                              **kw.get("hf_overrides", {})}
         llm = LLM(str(model), **kw)
         engines.append(llm)
         plan = llm.llm_engine.vllm_config.model_config.hf_config.plan

@@ -9,10 +9,10 @@ layers, so module and weight names match the official checkpoints.  What differs
   mechanism, so vLLM's block manager counts producers only;
 * each layer writes its own pages (if it computes KV) and reads the pages of the layer it attends to, strictly
   causal where the plan says so, through the engine's attention path (`attention/select.py`, chosen once);
-* prefill runs each cyclic segment `plan.prefill_passes(longest query in the step)` times (min(m + b, longest
+* prefill runs each cyclic segment up to `plan.prefill_passes(longest query in the step)` times (min(m + b, longest
   query)) with the segment's producer slots for the step's tokens zeroed first; after k passes the first k tokens
   of every prompt are exact, so prompts shorter than m + b converge to token-by-token encoding and decode steps
-  (one token each) need a single pass (docs/semantics.md);
+  (one token each) need a single pass; a sequence whose K/V stopped moving stops earlier (`prefill.py`);
 * a step that re-encodes generated tokens (recompute after preemption) runs cyclic segments part by part so the
   result equals the original prompt-then-decode encoding (`resume.py`).
 """
@@ -28,7 +28,7 @@ from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -46,8 +46,8 @@ from . import resume
 from . import vllm_patches as vp
 from .attention.base import AttentionPath
 from .attention.select import select_path
-from .attention.step import pass_substep
 from .plan import LayerPlan, Segment, plan_from_config
+from .prefill import IterativePrefill
 from .settings import Settings, load_settings
 
 logger = logging.getLogger("lckv_vllm")
@@ -72,6 +72,8 @@ def _lckv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: t
         return
     t = step.num_actual_tokens
     if spec.computes_kv:
+        if step.kv_capture is not None:  # adaptive prefill measures how far this pass moved the K/V (prefill.py)
+            step.kv_capture[layer_name] = torch.cat([k[:t], v[:t]], -1)
         spec.path.write_kv(k[:t].view(t, spec.num_kv_heads, spec.head_dim),
                            v[:t].view(t, spec.num_kv_heads, spec.head_dim), layer.kv_cache, step.slot_mapping, step)
     spec.path.attend(q[:t].view(t, spec.num_heads, spec.head_dim), layers[spec.read_name].kv_cache, step,
@@ -293,6 +295,8 @@ class LCKVModel(nn.Module):
         self.exact_recompute = self.plan.is_cyclic and self.settings.exact_recompute
         if self.exact_recompute:
             vp.install_prompt_lengths_hook()
+        tp_reduce = tensor_model_parallel_all_reduce if get_tensor_model_parallel_world_size() > 1 else None
+        self.prefill = IterativePrefill(self.plan, self.settings, self._zero_producer_slots, tp_reduce)
 
     def _bind_consumers(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Point each non-producing layer's `Attention` at its producer's pages (vLLM KV sharing).
@@ -319,43 +323,19 @@ class LCKVModel(nn.Module):
         parts = None
         if self.exact_recompute and step is not None:
             parts = resume.plan_step(step, self.plan)
+        record = self.prefill.begin_step(step) if step is not None else None
         for seg, run in zip(self.local_segments, self._segments):
             if not seg.cyclic or step is None:
                 hidden = run(positions, hidden)
             elif parts is not None:
-                hidden = self._run_parts(seg, run, positions, hidden, parts)
+                hidden = self._run_parts(seg, run, positions, hidden, parts, record)
             else:
-                passes = self.plan.prefill_passes(step.max_query_len)
-                if passes > 1:
-                    # With one pass (a decode-only step) nothing reads a slot of this step before its producer
-                    # writes it: readers below the producer are strict, the producer writes before it reads.
-                    self._zero_producer_slots(seg, step)
-                hidden = self._iterate(run, positions, hidden, step, passes)
+                hidden = self.prefill.run_segment(seg, run, positions, hidden, step, record)
+        if record is not None:
+            self.prefill.finish_step(step, record)
         if not self.is_last_stage:
             return IntermediateTensors({"hidden_states": hidden})
         return self.norm(hidden)
-
-    def _iterate(self, run, positions, seg_in, step, passes: int):
-        """`passes` passes of a cyclic segment over the step's tokens, every pass from the same segment input.
-
-        Pass economy: after pass k the first k tokens of each query are exact and stay so, so pass k+1 runs only
-        over the rows that can still change (`attention.step.pass_substep`), with the exact ones read from the pages
-        as context; a decode row batched with a prompt runs once, not m+b times.  `Settings.pass_economy=False`
-        (`LCKV_PASS_ECONOMY=0`) runs every pass over every row, as the plain iterative encoding is written.
-        """
-        out = run(positions, seg_in)
-        for k in range(2, passes + 1):
-            if not self.settings.pass_economy:
-                out = run(positions, seg_in)
-                continue
-            part = pass_substep(step, k)
-            if part is None:
-                break
-            rows, sub = part
-            with vp.metadata_swapped(sub):
-                h = run(positions.index_select(0, rows), seg_in.index_select(0, rows))
-            out.index_copy_(0, rows, h)
-        return out
 
     def _zero_producer_slots(self, seg, step) -> None:
         """The starting point of an iterative encoding: this step's K/V of the segment's producers are zeros."""
@@ -363,14 +343,14 @@ class LCKVModel(nn.Module):
             if self.plan.roles[p].computes_kv:
                 self.path.zero_slots(self.layers[p].self_attn.attn.kv_cache, step)
 
-    def _run_parts(self, seg, run, positions, hidden, parts):
+    def _run_parts(self, seg, run, positions, hidden, parts, record):
         """A cyclic segment over a step that re-encodes generated tokens: part by part (see resume.py)."""
         out = hidden.clone()
         for part in parts:
             with vp.metadata_swapped(part.step):
-                self._zero_producer_slots(seg, part.step)
                 seg_in, pos = hidden.index_select(0, part.rows), positions.index_select(0, part.rows)
-                h = self._iterate(run, pos, seg_in, part.step, part.passes)
+                h = self.prefill.run_segment(seg, run, pos, seg_in, part.step, record, passes=part.passes,
+                                             rows_of_step=part.reqs)
             out.index_copy_(0, part.rows, h)
         return out
 

@@ -5,13 +5,13 @@ paging, no batching and no vLLM import, in float64 by default:
 
 * `forward_sequential(tokens)`: token by token, exact (each layer reads the K/V its `attends_to` layer has produced
   so far; a strictly causal layer never sees position t itself; a query with no visible key outputs 0).
-* `forward_iterative(tokens, passes)`: the paper's parallel encoding of one chunk: segment by segment, cyclic
-  segments run `passes` times from the same segment input with the segment's producer K/V for the chunk initialised
-  to zeros.
+* `forward_iterative(tokens, passes, tol)`: the paper's parallel encoding of one chunk: segment by segment, cyclic
+  segments run up to `passes` times from the same segment input with the segment's producer K/V for the chunk
+  initialised to zeros, stopping early once the K/V stop moving (`tol`, adaptive passes; 0 = all passes).
 * `forward_chunked(tokens, chunk_sizes)`: chunk by chunk, earlier chunks final in the cache (chunked prefill,
   prefix-cache hits, decode steps).
-* `generate(prompt, n)`: whole-prompt iterative prefill with m+b passes, then one token per step: greedy tokens and
-  their log-probabilities, i.e. what the server must produce.
+* `generate(prompt, n)`: whole-prompt (or chunked) iterative prefill with up to m+b adaptive passes, then one
+  token per step: greedy tokens and their log-probabilities, i.e. what the server must produce.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from .plan import plan_from_config
-from .plan import LayerPlan
+from .plan import LayerPlan, plan_from_config
+from .settings import DEFAULT_PREFILL_TOL
 
 
 class _Cache:
@@ -160,13 +160,30 @@ class ReferenceModel:
             out.append(self._logits(h))
         return torch.cat(out)
 
+    def prefill_tol(self, tol: float | None) -> float:
+        """The tolerance of adaptive passes: `tol`, else the config's `lckv_prefill_tol`, else the plugin's default
+        (what the server runs).  `use_sequential` encodes every token exactly, so it never stops early."""
+        if self.plan.use_sequential:
+            return 0.0
+        if tol is None:
+            tol = getattr(self.cfg, "lckv_prefill_tol", None)
+        return DEFAULT_PREFILL_TOL if tol is None else float(tol)
+
     @torch.no_grad()
-    def forward_chunk(self, tokens, cache: _Cache, passes: int | None = None) -> torch.Tensor:
+    def forward_chunk(self, tokens, cache: _Cache, passes: int | None = None, tol: float = 0.0,
+                      stats: list | None = None) -> torch.Tensor:
         """Encode one chunk after the tokens already in `cache` (final).  Returns the chunk's logits.
 
-        Default passes: m+b, or with `use_sequential` one per token of the chunk (every token exact)."""
+        Default passes: m+b, or with `use_sequential` one per token of the chunk (every token exact).
+        `tol` > 0: adaptive passes (docs/semantics.md): after each pass from the second on, the chunk's first token
+        whose producer K/V moved by more than `tol` (relative) is its first unconverged token; the next pass
+        recomputes only from there on (and from the first inexact token on), and the chunk stops iterating when no
+        token moved more than `tol`.  `tol=0` (default): every pass over the whole chunk.  `stats`, when given,
+        receives one (passes used, change of the last pass or None) per cyclic segment."""
         if passes is None:
             passes = max(len(tokens), 1) if self.plan.use_sequential else self.plan.num_passes
+        if self.plan.use_sequential:
+            tol = 0.0
         start = cache.length()
         n = len(tokens)
         pos = torch.arange(start, start + n)
@@ -176,40 +193,81 @@ class ReferenceModel:
                 for i in seg.layers:
                     h = self._layer(i, h, pos, cache, start)
                 continue
-            for p in seg.layers:  # producer K/V of the chunk's tokens start from zeros
-                if self.plan.roles[p].computes_kv:
-                    z = h.new_zeros(n, self.nkv, self.hd)
-                    cache.put(p, start, z, z)
+            producers = [p for p in seg.layers if self.plan.roles[p].computes_kv]
+            for p in producers:  # producer K/V of the chunk's tokens start from zeros
+                z = h.new_zeros(n, self.nkv, self.hd)
+                cache.put(p, start, z, z)
             seg_in = h
-            for _ in range(passes):
-                h = seg_in
+            if tol == 0:
+                for _ in range(passes):
+                    h = seg_in
+                    for i in seg.layers:
+                        h = self._layer(i, h, pos, cache, start)
+                if stats is not None:
+                    stats.append((min(passes, n), None))
+                continue
+            h = seg_in
+            for i in seg.layers:
+                h = self._layer(i, h, pos, cache, start)
+            h = h.clone()
+            prev = self._chunk_kv(cache, producers, start, n)
+            first, used, last = 0, 1, 0.0
+            for k in range(2, passes + 1):
+                first = max(first, k - 1)  # after pass k-1 the first k-1 tokens are exact
+                if first >= n:
+                    break
+                x = seg_in[first:]
                 for i in seg.layers:
-                    h = self._layer(i, h, pos, cache, start)
+                    x = self._layer(i, x, pos[first:], cache, start + first)
+                h[first:] = x
+                new = self._chunk_kv(cache, producers, start, n)
+                change = self._row_change(new[:, first:], prev[:, first:])
+                prev, used, last = new, k, float(change.max())
+                moved = (change > tol).nonzero()
+                first = first + int(moved[0]) if moved.numel() else n
+            if stats is not None:
+                stats.append((used, last))
         return self._logits(h)
 
-    def forward_iterative(self, tokens, passes: int | None = None) -> torch.Tensor:
-        return self.forward_chunk(tokens, self.new_cache(), passes)
+    def _chunk_kv(self, cache: _Cache, producers, start: int, n: int) -> torch.Tensor:
+        """The chunk's K/V of `producers`: `[P, n, 2 * nkv * hd]`."""
+        return torch.stack([torch.cat([cache.k[p][start:start + n].reshape(n, -1),
+                                       cache.v[p][start:start + n].reshape(n, -1)], -1) for p in producers])
 
-    def forward_chunked(self, tokens, chunk_sizes, passes: int | None = None) -> torch.Tensor:
+    @staticmethod
+    def _row_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """Per token: max over producers of ||new - old|| / ||new|| (0 when nothing moved)."""
+        d = (new - old).norm(dim=-1)
+        nrm = new.norm(dim=-1)
+        ratio = torch.where(nrm > 0, d / nrm.clamp_min(1e-300), torch.where(d > 0, math.inf, 0.0))
+        return ratio.amax(0)
+
+    def forward_iterative(self, tokens, passes: int | None = None, tol: float = 0.0) -> torch.Tensor:
+        return self.forward_chunk(tokens, self.new_cache(), passes, tol)
+
+    def forward_chunked(self, tokens, chunk_sizes, passes: int | None = None, tol: float = 0.0) -> torch.Tensor:
         cache = self.new_cache()
         out, i = [], 0
         for size in chunk_sizes:
-            out.append(self.forward_chunk(tokens[i:i + size], cache, passes))
+            out.append(self.forward_chunk(tokens[i:i + size], cache, passes, tol))
             i += size
         assert i == len(tokens), "chunk sizes must cover the tokens"
         return torch.cat(out)
 
     @torch.no_grad()
-    def generate(self, prompt, max_tokens: int, chunk_sizes=None, eos_token_id: int | None = None):
+    def generate(self, prompt, max_tokens: int, chunk_sizes=None, eos_token_id: int | None = None,
+                 tol: float | None = None):
         """Greedy decoding as the server does it: whole-prompt (or chunk-by-chunk) prefill, then one token per step.
+        `tol`: adaptive passes of the prefill and of each decode step (default: the server's, `prefill_tol`).
 
         Returns (token ids, log-probabilities of the chosen tokens).
         """
+        tol = self.prefill_tol(tol)
         cache = self.new_cache()
         chunk_sizes = chunk_sizes or [len(prompt)]
         i = 0
         for size in chunk_sizes:
-            logits = self.forward_chunk(prompt[i:i + size], cache)
+            logits = self.forward_chunk(prompt[i:i + size], cache, tol=tol)
             i += size
         tokens, logprobs = [], []
         for _ in range(max_tokens):
@@ -219,5 +277,5 @@ class ReferenceModel:
             logprobs.append(float(lp[tok]))
             if eos_token_id is not None and tok == eos_token_id:
                 break
-            logits = self.forward_chunk([tok], cache)
+            logits = self.forward_chunk([tok], cache, tol=tol)
         return tokens, logprobs

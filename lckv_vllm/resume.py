@@ -7,8 +7,9 @@ tokens, so a request's output would depend on whether the server happened to be 
 
 This module redoes the original order inside that one step.  For every cyclic segment:
 1. the prompt part of the step's tokens (per request, the tokens before `num_prompt_tokens`) is encoded as a
-   prefill of its own: producer slots zeroed, `plan.prefill_passes(longest prompt part)` passes — the same computation as the
-   request's first prefill (prompt tokens never see later tokens);
+   prefill of its own: producer slots zeroed, up to `plan.prefill_passes(longest prompt part)` passes, stopping per
+   sequence as adaptive prefill does (`prefill.py`) — the same computation as the request's first prefill (prompt
+   tokens never see later tokens, and the adaptive stop is causal);
 2. the generated part is then encoded one token per request at a time, each a one-pass step with the context so
    far, like the decode steps that produced those tokens.
 Each part runs with attention metadata of its own (a sub-step, `attention.step.substep`: its tokens, context
@@ -43,6 +44,7 @@ class Part:
     rows: torch.Tensor
     step: LCKVStep
     passes: int
+    reqs: torch.Tensor  # the part's requests, as indices into the step's (host)
 
 
 def plan_step(step: LCKVStep, plan: LayerPlan) -> list[Part] | None:
@@ -64,10 +66,10 @@ def plan_step(step: LCKVStep, plan: LayerPlan) -> list[Part] | None:
     reqs = (n_prompt > 0).nonzero().flatten()
     if reqs.numel():
         rows, sub = substep(step, reqs, torch.zeros_like(reqs), n_prompt[reqs])
-        parts.append(Part(rows, sub, plan.prefill_passes(sub.max_query_len)))
+        parts.append(Part(rows, sub, plan.prefill_passes(sub.max_query_len), reqs))
     for j in range(int(n_gen.max())):
         reqs = (n_gen > j).nonzero().flatten()
         rows, sub = substep(step, reqs, n_prompt[reqs] + j, torch.ones_like(reqs))
-        parts.append(Part(rows, sub, 1))
+        parts.append(Part(rows, sub, 1, reqs))
     logger.debug("LCKV: exact re-encoding of %d generated tokens in %d sub-steps", int(n_gen.sum()), len(parts))
     return parts

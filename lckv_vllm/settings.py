@@ -1,15 +1,19 @@
 """The plugin's switches, resolved once into one frozen `Settings` object.
 
-Four switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
+Five switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
 
 * `LCKV_ATTENTION_IMPL` = auto | cpu | torch | triton: who does the attention math (`attention/select.py`);
-* `LCKV_EXACT_RECOMPUTE` (config `lckv_exact_recompute`, default on): exact re-encoding after preemption for cyclic
-  plans (`resume.py`);
-* `LCKV_CHUNKED_PREFILL` (config `lckv_chunked_prefill`, default off): let cyclic plans use chunked prefill and prefix
-  caching, with chunk-by-chunk semantics (`vllm_patches.py`, item 1);
+* `LCKV_EXACT_RECOMPUTE` (config `lckv_exact_recompute`, default on): after preemption, cyclic plans re-encode the
+  prompt part as a prefill and the generated tokens one by one, as they were first encoded (`resume.py`);
+* `LCKV_CHUNKED_PREFILL` (config `lckv_chunked_prefill`, default on): cyclic plans use chunked prefill and prefix
+  caching, each chunk encoded iteratively on top of the earlier, final ones; off forces whole-prompt prefill
+  (`vllm_patches.py`, item 1);
+* `LCKV_PREFILL_TOL` (config `lckv_prefill_tol`, default `DEFAULT_PREFILL_TOL`): adaptive passes: a sequence stops
+  iterating once its producer K/V moved by less than this (relative) in a pass; 0 = always m+b passes
+  (`prefill.py`);
 * `LCKV_PASS_ECONOMY` (config `lckv_pass_economy`, default on): passes after the first of an iterative prefill run
-  only over rows that can still change (`model.LCKVModel._iterate`); off runs every pass over every row, the same
-  result at a higher cost: kept to measure the economy and as a fallback.
+  only over rows that can still change (`prefill.py`); off runs every pass over every row (and no adaptive stop),
+  the m+b-pass result at a higher cost: kept to measure the economy and as a fallback.
 
 Why one place: the model reads the settings when vLLM builds it and keeps them for the engine's life, so two engines
 in one process may differ and no step ever reads the environment.  The environment wins over the config field.
@@ -17,6 +21,7 @@ in one process may differ and no step ever reads the environment.  The environme
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +30,11 @@ ATTENTION_IMPL_ENV = "LCKV_ATTENTION_IMPL"
 EXACT_RECOMPUTE_ENV = "LCKV_EXACT_RECOMPUTE"
 CHUNKED_PREFILL_ENV = "LCKV_CHUNKED_PREFILL"
 PASS_ECONOMY_ENV = "LCKV_PASS_ECONOMY"
+PREFILL_TOL_ENV = "LCKV_PREFILL_TOL"
+
+# Chosen by measurement on the trained Shakespeare models (docs/prefill.md, benchmarks/results/convergence.json):
+# the loosest tolerance whose held-out perplexity stays within 0.1 % of the m+b-pass value on every trained model.
+DEFAULT_PREFILL_TOL = 0.05
 
 ATTENTION_IMPLS = ("auto", "cpu", "torch", "triton")
 _TRUE = ("1", "true", "yes", "on")
@@ -35,8 +45,14 @@ _FALSE = ("0", "false", "no", "off")
 class Settings:
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS; "auto" is resolved per device by attention/select.py
     exact_recompute: bool = True
-    chunked_prefill: bool = False
+    chunked_prefill: bool = True
     pass_economy: bool = True
+    prefill_tol: float = DEFAULT_PREFILL_TOL
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether prefill passes stop early per sequence (a tolerance, and the economy it builds on)."""
+        return self.prefill_tol > 0 and self.pass_economy
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool | None:
@@ -64,12 +80,32 @@ def _switch(environ: Mapping[str, str], name: str, hf_config, field: str, defaul
     return bool(getattr(hf_config, field, default)) if value is None else value
 
 
+def prefill_tol_choice(environ: Mapping[str, str], hf_config) -> float:
+    raw = environ.get(PREFILL_TOL_ENV)
+    source = PREFILL_TOL_ENV
+    if raw is None or not str(raw).strip():
+        raw = getattr(hf_config, "lckv_prefill_tol", None)
+        source = "lckv_prefill_tol"
+        if raw is None:
+            return DEFAULT_PREFILL_TOL
+    if isinstance(raw, bool):
+        raise ValueError(f"{source}={raw!r}: expected a number >= 0 (0 = always m+b passes)")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}={raw!r}: expected a number >= 0 (0 = always m+b passes)") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{source}={raw!r}: expected a finite number >= 0 (0 = always m+b passes)")
+    return value
+
+
 def load_settings(hf_config=None, environ: Mapping[str, str] | None = None) -> Settings:
     """The settings for one engine: the environment, then the config's `lckv_*` fields, then the defaults."""
     environ = os.environ if environ is None else environ
     return Settings(
         attention_impl=attention_impl_choice(environ),
         exact_recompute=_switch(environ, EXACT_RECOMPUTE_ENV, hf_config, "lckv_exact_recompute", True),
-        chunked_prefill=_switch(environ, CHUNKED_PREFILL_ENV, hf_config, "lckv_chunked_prefill", False),
+        chunked_prefill=_switch(environ, CHUNKED_PREFILL_ENV, hf_config, "lckv_chunked_prefill", True),
         pass_economy=_switch(environ, PASS_ECONOMY_ENV, hf_config, "lckv_pass_economy", True),
+        prefill_tol=prefill_tol_choice(environ, hf_config),
     )

@@ -3,11 +3,12 @@ wrapped), each with its reason.  Nothing else in the plugin does; code elsewhere
 are the first things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTED_VLLM`) moves.
 
 1. `MODELS_CONFIG_MAP[ARCHITECTURE]`: vLLM's per-architecture config hook (run while the `VllmConfig` is built) is
-   the one place a model can change scheduler and cache settings.  We use it to validate `layer_types` before any
-   weight is read, and, for cyclic plans, to force whole-prompt prefill (no chunked prefill, no prefix-cache reuse):
-   beyond m+b tokens the iterative encoding depends on how a prompt is split into steps, and a server whose greedy
-   output changes with load or cache state would surprise its users (docs/semantics.md).  Users opt in to
-   chunk-by-chunk semantics with `LCKV_CHUNKED_PREFILL=1` or `--hf-overrides '{"lckv_chunked_prefill": true}'`.
+   the one place a model can change scheduler and cache settings.  We use it to validate `layer_types` (and the
+   LCKV_* switches) before any weight is read, and, for cyclic plans with `LCKV_CHUNKED_PREFILL=0` (or
+   `--hf-overrides '{"lckv_chunked_prefill": false}'`), to force whole-prompt prefill (no chunked prefill, no
+   prefix-cache reuse): beyond m+b tokens the iterative encoding of a checkpoint that does not converge depends on
+   how a prompt is split into steps (docs/semantics.md).  The default leaves chunked prefill and prefix caching as
+   vLLM configures them: a trained checkpoint converges, and chunked encoding then equals whole-prompt encoding.
    The same hook sets `VLLM_CPU_OMP_THREADS_BIND` for several CPU workers (tensor/pipeline parallel) when the user
    has not: vLLM's "auto" binding wants one NUMA node per worker and refuses otherwise ("Not enough allowed NUMA
    nodes"), while an explicit split of the allowed cores ("0|1" on two cores) serves correctly.  Workers are spawned
@@ -85,14 +86,14 @@ class LCKVConfigHook:
             plan = plan_from_config(hf_config)
         except LayerPlanError as e:
             raise ValueError(f"invalid LCKV checkpoint config ({vllm_config.model_config.model}): {e}") from None
-        if not plan.is_cyclic or load_settings(hf_config).chunked_prefill:
+        settings = load_settings(hf_config)  # a bad LCKV_* value fails here, naming the variable
+        if not plan.is_cyclic or settings.chunked_prefill:
             if plan.is_cyclic:
-                logger.warning(
-                    "LCKV: cyclic plan with chunked prefill / prefix caching allowed (%s): prompts split across "
-                    "steps are encoded chunk by chunk, which differs from whole-prompt encoding beyond %d tokens",
-                    CHUNKED_PREFILL_ENV,
-                    plan.num_passes,
-                )
+                logger.info(
+                    "LCKV: cyclic plan: chunked prefill and prefix caching as vLLM configures them; a prompt split "
+                    "across steps is encoded chunk by chunk (equal to whole-prompt encoding for a checkpoint that "
+                    "converges; %s=0 forces whole-prompt prefill); adaptive passes, tolerance %g",
+                    CHUNKED_PREFILL_ENV, settings.prefill_tol if settings.adaptive else 0.0)
             return
         sched = vllm_config.scheduler_config
         cache = vllm_config.cache_config
@@ -110,10 +111,10 @@ class LCKVConfigHook:
             cache.enable_prefix_caching = False
             changed.append("prefix caching off")
         logger.info(
-            "LCKV: cyclic layer plan -> whole-prompt prefill (%s) so a prompt's output does not depend on how the "
-            "scheduler splits it; set %s=1 to allow chunk-by-chunk encoding",
-            ", ".join(changed) or "already so",
+            "LCKV: cyclic layer plan, %s=0 -> whole-prompt prefill (%s) so a prompt's output does not depend on "
+            "how the scheduler splits it",
             CHUNKED_PREFILL_ENV,
+            ", ".join(changed) or "already so",
         )
 
 

@@ -208,7 +208,12 @@ def create_app(fe: EngineFrontend, *, api_key: str | None = None, max_body_bytes
 
     @app.get("/metrics")
     async def prometheus():
-        body = metrics.render(fe.kv, fe.stats, fe.num_unfinished(), fe.admitted, fe.healthy)
+        # the scheduler's view as of this request: read before awaiting the engine for the prefill telemetry
+        import copy
+
+        now = (copy.copy(fe.stats), fe.num_unfinished(), fe.admitted, fe.healthy)
+        prefill = await fe.refresh_prefill_stats()
+        body = metrics.render(fe.kv, *now, prefill)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _card(name: str) -> ModelCard:

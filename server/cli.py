@@ -161,17 +161,21 @@ async def _serve(args, sock: socket.socket, state: dict) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     from .faults import ENV as FAULT_ENV
-    from .faults import EXTENSION as FAULT_EXTENSION
     from .faults import fault_tokens_from_env
+    from .worker_ext import EXTENSION
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
     fault = fault_tokens_from_env()
-    if fault:
-        if engine_args.worker_extension_cls:
+    if engine_args.worker_extension_cls:
+        if fault:
             raise SystemExit(f"lckv-serve: {FAULT_ENV} needs --worker-extension-cls for itself")
+        # vLLM takes one extension class: the user's wins, and /metrics goes without the prefill telemetry
+        logger.info("lckv-serve: --worker-extension-cls given: /metrics shows no prefill convergence telemetry")
+    else:
+        engine_args.worker_extension_cls = EXTENSION
+    if fault:
         logger.warning("lckv-serve: %s is set: requests whose prompt contains token ids %s make the engine fail "
                        "(fault injection, for tests only)", FAULT_ENV, fault)
-        engine_args.worker_extension_cls = FAULT_EXTENSION
     log_config = _withhold_batch_dump()
     try:
         await _run(args, sock, state, engine_args, fault)
@@ -189,6 +193,7 @@ async def _run(args, sock: socket.socket, state: dict, engine_args, fault: list[
     from .app import create_app
     from .engine import EngineFrontend
     from .metrics import EngineStats
+    from .worker_ext import EXTENSION
 
     stats = EngineStats()
     engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
@@ -202,7 +207,8 @@ async def _run(args, sock: socket.socket, state: dict, engine_args, fault: list[
         names = [names] if isinstance(names, str) else list(names)
         fe = EngineFrontend(engine, served_model_names=names, model_path=args.model,
                             max_queued_requests=args.max_queued_requests, stats=stats, max_n=args.max_n,
-                            max_tokens_limit=args.max_tokens_limit)
+                            max_tokens_limit=args.max_tokens_limit,
+                            prefill_telemetry=engine_args.worker_extension_cls == EXTENSION)
         app = create_app(fe, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=args.access_log,
                                 timeout_graceful_shutdown=args.graceful_timeout, timeout_keep_alive=5)

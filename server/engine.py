@@ -44,7 +44,8 @@ class Job:
 class EngineFrontend:
     def __init__(self, engine, *, served_model_names: list[str], model_path: str,
                  max_queued_requests: int | None = None, stats: EngineStats | None = None,
-                 max_n: int | None = None, max_tokens_limit: int | None = None) -> None:
+                 max_n: int | None = None, max_tokens_limit: int | None = None,
+                 prefill_telemetry: bool = False) -> None:
         self.engine = engine
         vc = engine.vllm_config
         mc = engine.model_config
@@ -70,6 +71,25 @@ class EngineFrontend:
         # Tokenization stays off the event loop (a long prompt takes milliseconds).  vLLM's tokenizer is thread-safe
         # (it routes calls through a pool of copies); one worker is enough and keeps CPU use bounded.
         self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="lckv-tokenizer")
+        # Convergence telemetry of the iterative prefill, asked of the engine process per /metrics scrape (the
+        # worker extension `worker_ext.ServerWorkerExtension`); the last answer is kept if one is late.
+        self.prefill_telemetry = prefill_telemetry
+        self.prefill_stats: dict | None = None
+
+    async def refresh_prefill_stats(self, timeout: float = 2.0) -> dict | None:
+        """Ask the engine for the prefill telemetry (rank 0's: every tensor-parallel rank runs the same passes;
+        under pipeline parallelism the stage that holds a cyclic segment)."""
+        if not self.prefill_telemetry or not self.healthy:
+            return self.prefill_stats
+        try:
+            answers = await asyncio.wait_for(self.engine.collective_rpc("lckv_prefill_stats"), timeout)
+        except Exception as e:  # a busy or stopping engine: keep the last answer, /metrics must still answer
+            logger.debug("prefill telemetry unavailable: %s", type(e).__name__)
+            return self.prefill_stats
+        found = [a for a in answers or [] if a]
+        if found:
+            self.prefill_stats = max(found, key=lambda a: a["prefills"])
+        return self.prefill_stats
 
     # ---- model facts ---------------------------------------------------------------------------------------------
     def resolve_model(self, name: str | None) -> str:

@@ -8,7 +8,13 @@ same process (its `vllm:*` metrics), so the names below are exactly what this se
 - `lckv_requests_running`, `lckv_requests_waiting`: the engine scheduler's view (last step's SchedulerStats);
 - `lckv_requests_unfinished`: requests the engine front end still tracks (0 means nothing left to abort);
 - `lckv_kv_layers`, `lckv_kv_producing_layers`, `lckv_kv_bytes_per_token`, `lckv_kv_capacity_tokens`,
-  `lckv_kv_usage_ratio`, `lckv_kv_used_tokens`: the KV layout of the cross-layer plan and its occupancy.
+  `lckv_kv_usage_ratio`, `lckv_kv_used_tokens`: the KV layout of the cross-layer plan and its occupancy;
+- `lckv_prefill_passes` (histogram: passes over the cyclic segments per prefill, i.e. per request and step with more
+  than one token), `lckv_prefill_tokens_total`, `lckv_prefill_last_change` (the relative K/V change measured by the
+  last pass of the latest prefill), `lckv_prefill_unconverged_total` (prefills longer than m+b still moving more
+  than the tolerance after m+b passes), `lckv_prefill_tolerance`: the convergence telemetry of the iterative
+  prefill (`lckv_vllm.prefill`), asked of the engine process per scrape (LCKV models only; plans without a cyclic
+  segment never iterate and keep every count at 0).
 
 The engine's per-step statistics reach us through a stat logger handed to `AsyncLLM` (`stat_loggers=`), the
 public hook vLLM offers for this; `EngineStats` keeps the latest snapshot.
@@ -20,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/version", "/metrics")
@@ -105,9 +112,43 @@ class EngineStats:
         return _Recorder
 
 
+class PrefillCollector:
+    """Renders the engine's latest `PrefillStats.snapshot()` (cumulative counts kept in the engine process)."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict | None = None
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        snap = self.snapshot
+        if not snap:
+            return
+        counts = snap["passes"]  # counts[k]: prefills that used k passes (k = 1 .. m+b)
+        buckets, running = [], 0
+        for k in range(1, len(counts)):
+            running += counts[k]
+            buckets.append((str(float(k)), running))
+        buckets.append(("+Inf", running))
+        total = sum(k * n for k, n in enumerate(counts))
+        yield HistogramMetricFamily("lckv_prefill_passes", "Passes over the cyclic segments per prefill (a request's "
+                                    "multi-token step); at most m+b", buckets=buckets, sum_value=total)
+        yield CounterMetricFamily("lckv_prefill_tokens", "Tokens prefilled through cyclic segments",
+                                  value=snap["prefill_tokens"])
+        yield CounterMetricFamily("lckv_prefill_unconverged", "Prefills longer than m+b tokens whose K/V still moved "
+                                  "more than the tolerance after m+b passes", value=snap["unconverged"])
+        yield GaugeMetricFamily("lckv_prefill_last_change", "Relative K/V change measured by the last pass of the "
+                                "latest prefill", value=snap["last_change"] or 0.0)
+        yield GaugeMetricFamily("lckv_prefill_tolerance", "Tolerance of adaptive passes (0: always m+b passes)",
+                                value=snap.get("tolerance", 0.0))
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.prefill = PrefillCollector()
+        r.register(self.prefill)
         self.requests = Counter("lckv_requests", "HTTP requests answered, by endpoint and status "
                                 "(499: the client disconnected first)", ["endpoint", "status"], registry=r)
         self.e2e = Histogram("lckv_request_e2e_seconds", "Time from request arrival to the last byte of the "
@@ -151,7 +192,9 @@ class ServerMetrics:
         self.requests.labels(ep, str(status)).inc()
         self.e2e.labels(ep).observe(seconds)
 
-    def render(self, kv: KVLayout, stats: EngineStats, unfinished: int, admitted: int, healthy: bool) -> bytes:
+    def render(self, kv: KVLayout, stats: EngineStats, unfinished: int, admitted: int, healthy: bool,
+               prefill: dict | None = None) -> bytes:
+        self.prefill.snapshot = prefill
         self.kv_layers.set(kv.layers)
         self.kv_plan.labels(layer_types=kv.layer_types, checkpoint_layer_types=kv.checkpoint_layer_types).set(1)
         self.kv_producers.set(kv.producing_layers)

@@ -35,6 +35,7 @@ from .schemas import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptTokensDetails,
     SamplingFields,
     TokenLogprob,
     TopLogprob,
@@ -239,11 +240,14 @@ class _Run:
         self.choices = [ChoiceState() for _ in range(len(jobs) * n)]
         self.prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
         self.prompt_logprobs: dict[int, Any] = {}
+        self.cached_tokens: dict[int, int] = {}  # job -> prompt tokens served from the prefix cache
 
     def absorb(self, job_index: int, out) -> list[tuple[int, Any, ChoiceState]]:
         """Fold one delta RequestOutput into the choices; return (choice index, CompletionOutput delta, state)."""
         if out.prompt_logprobs is not None and job_index not in self.prompt_logprobs:
             self.prompt_logprobs[job_index] = out.prompt_logprobs
+        if getattr(out, "num_cached_tokens", None) is not None:
+            self.cached_tokens[job_index] = int(out.num_cached_tokens)
         changed = []
         for c in out.outputs:
             idx = job_index * self.n + c.index
@@ -264,7 +268,8 @@ class _Run:
     def usage(self) -> Usage:
         completion = sum(c.num_tokens for c in self.choices)
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                     total_tokens=self.prompt_tokens + completion)
+                     total_tokens=self.prompt_tokens + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values())))
 
 
 def _completion_logprobs(fe: EngineFrontend, token_ids, logprobs, offset: int) -> CompletionLogprobs:

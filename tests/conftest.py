@@ -18,6 +18,11 @@ from lckv_vllm.checkpoint import make_preset
 
 MAX_MODEL_LEN = 512
 BLOCK_SIZE = 16
+ROOT = Path(__file__).resolve().parent.parent
+# A trained LCKV model (committed; 6 layers, layers 1-4 read layer 4): its iterative prefill converges in a few passes,
+# which random-weight checkpoints never do.  Tests of adaptive passes and split consistency need one.
+TRAINED_W2 = ROOT / "examples" / "shakespeare-lckv-w2"
+HELD_OUT = ROOT / "benchmarks" / "results" / "shakespeare_heldout.txt"  # held-out Shakespeare (never trained on)
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +70,18 @@ def model_of(llm):
 def random_prompt(n: int, seed: int) -> list[int]:
     rnd = random.Random(seed)
     return [rnd.randrange(3, 32000) for _ in range(n)]
+
+
+def text_prompts(model, count: int, length: int, offset: int = 0) -> list[list[int]]:
+    """`count` prompts of `length` tokens: consecutive pieces of the held-out passage, in `model`'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    from lckv_vllm import register
+
+    register()
+    ids = AutoTokenizer.from_pretrained(str(model)).encode(HELD_OUT.read_text(encoding="utf-8"))
+    assert len(ids) >= offset + count * length, (len(ids), count, length)
+    return [ids[offset + i * length: offset + (i + 1) * length] for i in range(count)]
 
 
 def generate(llm, prompts, max_tokens=16):

@@ -62,28 +62,49 @@ def test_compiled_mode_matches_reference(engine, model_dir):
     check_against_reference(generate(llm, prompts), [ref.generate(p, 16) for p in prompts])
 
 
-def test_cyclic_default_is_whole_prompt(engine):
+WHOLE_PROMPT_EXACT = {"LCKV_CHUNKED_PREFILL": "0", "LCKV_PREFILL_TOL": "0"}  # the pre-adaptive behaviour
+
+
+def test_cyclic_default_is_chunked_with_prefix_caching(engine):
     llm = engine("tiny-w2")
     cfg = llm.llm_engine.vllm_config
-    assert not cfg.scheduler_config.enable_chunked_prefill
-    assert not cfg.cache_config.enable_prefix_caching
+    assert cfg.scheduler_config.enable_chunked_prefill
+    assert cfg.cache_config.enable_prefix_caching
+    settings = model_of(llm).model.settings
+    assert settings.chunked_prefill and settings.adaptive and settings.prefill_tol > 0
+    whole = engine("tiny-w2", env=WHOLE_PROMPT_EXACT).llm_engine.vllm_config
+    assert not whole.scheduler_config.enable_chunked_prefill and not whole.cache_config.enable_prefix_caching
 
 
-def test_cyclic_output_independent_of_batch_and_history(engine, model_dir):
-    """A long prompt's output is the same alone, in a batch, with a tiny token budget, and when seen again."""
+def test_whole_prompt_switch_is_independent_of_batch_and_history(engine, model_dir):
+    """`LCKV_CHUNKED_PREFILL=0 LCKV_PREFILL_TOL=0` reproduces the pre-adaptive outputs (whole prompt, m+b passes): a
+    long prompt's output is the same alone, in a batch, with a tiny token budget, and when seen again."""
     long = random_prompt(100, seed=21)
     others = [random_prompt(n, seed=30 + n) for n in (3, 17, 60)]
-    llm = engine("tiny-w2")
+    llm = engine("tiny-w2", env=WHOLE_PROMPT_EXACT)
     alone = generate(llm, [long])[0]
     batched = generate(llm, others + [long] + others)[3]
     again = generate(llm, [long])[0]
     # asking for a 32-token budget does not split the prompt: the plugin keeps whole-prompt prefill
-    small = generate(engine("tiny-w2", max_num_batched_tokens=32, max_num_seqs=8), [long])[0]
-    ref_toks, ref_lps = reference(model_dir, "tiny-w2").generate(long, 16)
+    small = generate(engine("tiny-w2", env=WHOLE_PROMPT_EXACT, max_num_batched_tokens=32, max_num_seqs=8), [long])[0]
+    ref_toks, ref_lps = reference(model_dir, "tiny-w2").generate(long, 16, tol=0)
     for toks, lps, _ in (alone, batched, again, small):
         assert toks == ref_toks
         assert max(abs(a - b) for a, b in zip(lps, ref_lps)) < MAX_DLOGPROB
     assert again[2] == 0  # no prefix-cache reuse
+
+
+def test_tolerance_zero_is_the_m_plus_b_result(engine, model_dir):
+    """Adaptive passes with tolerance 0 run min(m+b, length) passes: token for token the m+b-pass result, under the
+    default chunked mode too (prompts here fit one step)."""
+    prompts = [random_prompt(n, seed=110 + n) for n in LENGTHS]
+    llm = engine("tiny-w2", env={"LCKV_PREFILL_TOL": "0"})
+    assert not model_of(llm).model.settings.adaptive
+    ref = reference(model_dir, "tiny-w2")
+    check_against_reference(generate(llm, prompts), [ref.generate(p, 16, tol=0) for p in prompts])
+    hist = model_of(llm).model.prefill.stats.snapshot()["passes"]
+    # prompts of 9, 30 and 70 tokens used m+b = 9 passes, the 5-token one its length; the 1-token one is no prefill
+    assert hist[9] == 3 and hist[5] == 1 and sum(hist) == 4, hist
 
 
 @pytest.mark.parametrize("preset", ["tiny-cla", "tiny-yoco", "tiny-identity"])
@@ -103,10 +124,11 @@ def test_acyclic_chunked_prefill_and_prefix_cache_are_exact(engine, model_dir, p
         assert max(abs(a - b) for a, b in zip(lps, ref_lps)) < MAX_DLOGPROB
 
 
-def test_cyclic_opt_in_chunked_matches_chunk_by_chunk_reference(engine, model_dir):
+def test_cyclic_chunked_matches_chunk_by_chunk_reference(engine, model_dir):
+    """The default for cyclic plans: a prompt the scheduler splits is encoded chunk by chunk (adaptive passes)."""
     long = random_prompt(100, seed=50)
-    llm = engine("tiny-w2", env={"LCKV_CHUNKED_PREFILL": "1"}, enable_chunked_prefill=True,
-                 max_num_batched_tokens=32, max_num_seqs=8, enable_prefix_caching=False)
+    llm = engine("tiny-w2", enable_chunked_prefill=True, max_num_batched_tokens=32, max_num_seqs=8,
+                 enable_prefix_caching=False)
     assert llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill
     toks, lps, _ = generate(llm, [long])[0]
     ref = reference(model_dir, "tiny-w2")
@@ -116,6 +138,24 @@ def test_cyclic_opt_in_chunked_matches_chunk_by_chunk_reference(engine, model_di
     assert max(abs(a - b) for a, b in zip(lps, chunked_lps)) < MAX_DLOGPROB
     # the test can tell the two encodings apart: chunk-by-chunk really differs from whole-prompt here
     assert chunked_toks != whole_toks or max(abs(a - b) for a, b in zip(chunked_lps, whole_lps)) > 1e-2
+
+
+def test_cyclic_prefix_cache_hit_matches_reference_split_at_the_hit(engine, model_dir):
+    """A prompt that shares a prefix with an earlier one reads the cached blocks as they are and encodes the rest as a
+    chunk on top: the reference's chunk-by-chunk encoding split at the hit boundary.  The prefix's K/V does not
+    depend on what followed it in the earlier prompt (strict causality; the adaptive stop is causal too)."""
+    llm = engine("tiny-w2", max_num_seqs=8)
+    first = random_prompt(100, seed=55)
+    second = first[:70] + random_prompt(30, seed=56)
+    generate(llm, [first], max_tokens=2)
+    toks, lps, hit = generate(llm, [second])[0]
+    assert hit == 64  # the four full 16-token blocks of the shared 70 tokens
+    ref = reference(model_dir, "tiny-w2")
+    rtoks, rlps = ref.generate(second, 16, chunk_sizes=[hit, len(second) - hit])
+    assert toks == rtoks
+    assert max(abs(a - b) for a, b in zip(lps, rlps)) < MAX_DLOGPROB
+    whole_toks, whole_lps = ref.generate(second, 16)  # and the split is visible on this random model
+    assert whole_toks != rtoks or max(abs(a - b) for a, b in zip(whole_lps, rlps)) > 1e-2
 
 
 def test_identity_plan_matches_vllm_llama(engine, model_dir, tmp_path):
@@ -232,11 +272,11 @@ def test_prompt_admitted_among_running_decodes_matches_reference(engine, model_d
     them run the extra passes only over rows that can still change (never the decode rows), and every request
     equals the reference token for token and logprob for logprob."""
     from lckv_vllm.attention.step import pass_substep
-    from lckv_vllm.model import LCKVModel
+    from lckv_vllm.prefill import IterativePrefill
 
     llm = engine("tiny-w2") if impl == "auto" else engine("tiny-w2", env={"LCKV_ATTENTION_IMPL": impl})
     mixed = []
-    original = LCKVModel._iterate
+    original = IterativePrefill._iterate
 
     def spy(self, run, positions, seg_in, step, passes):
         if passes > 1 and bool((step.query_lens_cpu == 1).any()):
@@ -244,7 +284,7 @@ def test_prompt_admitted_among_running_decodes_matches_reference(engine, model_d
             mixed.append((step.query_lens_cpu.tolist(), second[1].query_lens_cpu.tolist()))
         return original(self, run, positions, seg_in, step, passes)
 
-    monkeypatch.setattr(LCKVModel, "_iterate", spy)
+    monkeypatch.setattr(IterativePrefill, "_iterate", spy)
     decoding = [random_prompt(n, seed=100 + n) for n in (3, 11, 20, 7)]
     arrivals = [(0, p) for p in decoding] + [(4, random_prompt(40, seed=140)), (9, random_prompt(6, seed=141))]
     results = generate_staggered(llm, arrivals, max_tokens=24)

@@ -318,8 +318,12 @@ def test_health_version_metrics_need_no_key(server):
 
 
 def test_metrics_kv_layout(http, model_path):
-    from lckv_vllm.plan import plan_from_config
     from transformers import AutoConfig
+
+    from lckv_vllm import register
+    from lckv_vllm.plan import plan_from_config
+
+    register()  # AutoConfig must know "lckv-llama" even when this test runs alone
 
     plan = plan_from_config(AutoConfig.from_pretrained(str(model_path)))
     m = metrics(http)
@@ -334,6 +338,37 @@ def test_metrics_kv_layout(http, model_path):
     assert m["lckv_engine_healthy"] == 1
     assert any(k.startswith("lckv_request_ttft_seconds_count") for k in m)
     assert any(k.startswith('lckv_requests_total{endpoint="/v1/completions",status="200"}') for k in m)
+
+
+def test_metrics_prefill_telemetry(http):
+    """The engine's convergence telemetry reaches /metrics: passes per prefill (histogram, at most m+b), the last
+    pass's change, the tolerance."""
+    from lckv_vllm.settings import DEFAULT_PREFILL_TOL
+
+    before = metrics(http).get("lckv_prefill_passes_count", 0)
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "The quick brown fox jumps over the lazy dog " * 4,
+                                           "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    m = metrics(http)
+    assert m["lckv_prefill_passes_count"] >= before + 1
+    assert m['lckv_prefill_passes_bucket{le="9.0"}'] == m["lckv_prefill_passes_count"]  # never more than m+b
+    assert m['lckv_prefill_passes_bucket{le="1.0"}'] == 0  # a multi-token prompt runs at least two passes
+    assert m["lckv_prefill_tokens_total"] >= 36
+    assert m["lckv_prefill_tolerance"] == DEFAULT_PREFILL_TOL
+    assert m["lckv_prefill_last_change"] >= 0 and "lckv_prefill_unconverged_total" in m
+
+
+def test_usage_reports_prefix_cache_hits(http):
+    """A cyclic plan serves prefix-cache hits by default; usage.prompt_tokens_details.cached_tokens (OpenAI's field)
+    says how many prompt tokens came from the cache."""
+    prompt = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 3
+    first = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0})
+    second = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0})
+    assert first.status_code == second.status_code == 200
+    u1, u2 = first.json()["usage"], second.json()["usage"]
+    assert u1["prompt_tokens_details"]["cached_tokens"] == 0
+    assert u2["prompt_tokens_details"]["cached_tokens"] >= 16  # at least one full 16-token block
+    assert u2["prompt_tokens_details"]["cached_tokens"] < u2["prompt_tokens"]
 
 
 def _wait_idle(http, timeout: float) -> tuple[float, dict]:

@@ -1,0 +1,234 @@
+"""The iterative prefill of cyclic segments: zero start, passes, the pass economy, adaptive stopping, telemetry.
+
+A cyclic segment runs up to `plan.prefill_passes(longest query)` (min(m + b, longest)) passes over a step's tokens,
+every pass from the same segment input, with the step's producer slots zeroed first (docs/semantics.md).
+
+* **Pass economy.**  After pass k the first k tokens of every query are exact and stay so, so pass k + 1 recomputes
+  only each query's tokens from index k on; the exact ones are read from the pages as context.  A decode row batched
+  with a prompt runs once.
+* **Adaptive passes** (`LCKV_PREFILL_TOL` > 0, the default).  Every pass from the second on measures, per token, how
+  far it moved the K/V of the segment's producers: `max over producers ||x_new - x_old|| / ||x_new||`, x = that
+  token's K and V over all KV heads, as written to the pages.  A sequence's *first unconverged token* is its first
+  recomputed token whose change exceeds the tolerance; the next pass recomputes only from there on (the tokens
+  before it are final), and a sequence with none stops iterating.  This generalises the economy (exact tokens move
+  by 0), never exceeds m + b passes, and is causal: the decision at token t depends on tokens <= t only, so a
+  prompt prefix gets the same K/V whatever follows it (prefix caching stays consistent) and a sequence's passes do
+  not depend on what it is batched with.  Tolerance 0 disables the stop: always min(m + b, length) passes, the
+  exact m+b-pass result.  The float64 oracle implements the same rule (`ReferenceModel.forward_chunk`).
+* **Telemetry.**  Per prefill (a request's multi-token query in a step): the passes it used and the change of its
+  last pass, kept in `PrefillStats` (read by lckv-serve's /metrics through the worker extension), and one warning
+  per engine when a prompt longer than m + b is still moving more than the tolerance after m + b passes: such a
+  checkpoint's outputs depend on how prompts are split into steps.
+
+Under tensor parallelism each rank holds some KV heads, so the squared norms are summed over the ranks before the
+ratio is taken: every rank sees the same change and recomputes the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from . import vllm_patches as vp
+from .attention.step import LCKVStep, pass_substep, substep
+from .plan import LayerPlan
+from .settings import CHUNKED_PREFILL_ENV, DEFAULT_PREFILL_TOL, PREFILL_TOL_ENV, Settings
+
+logger = logging.getLogger("lckv_vllm")
+
+_NONE = 1 << 62  # "no unconverged token" in a per-request minimum
+
+
+def row_change(new: torch.Tensor, old: torch.Tensor, tp_reduce=None) -> torch.Tensor:
+    """Per-token relative change `max_p ||new_p - old_p|| / ||new_p||` of K/V captures `[P, T, D]` -> `[T]`.
+
+    A token whose K/V is all zeros and did not move has change 0 (a moved one: inf).  `tp_reduce` sums the squared
+    norms over tensor-parallel ranks (each holds some of the heads)."""
+    sq = torch.stack([(new - old).float().pow(2).sum(-1), new.float().pow(2).sum(-1)])  # [2, P, T]
+    if tp_reduce is not None:
+        sq = tp_reduce(sq)
+    d2, n2 = sq[0], sq[1]
+    ratio = torch.where(n2 > 0, d2 / n2.clamp_min(torch.finfo(torch.float32).tiny),
+                        torch.where(d2 > 0, torch.full_like(d2, float("inf")), torch.zeros_like(d2)))
+    return ratio.sqrt().amax(0)
+
+
+class PrefillStats:
+    """Convergence telemetry of one engine's prefills (thread-safe snapshot for the metrics RPC)."""
+
+    def __init__(self, max_passes: int, tolerance: float):
+        self.max_passes = max_passes
+        self.tolerance = tolerance
+        self.passes = [0] * (max_passes + 1)  # passes[k]: prefills that used k passes over their cyclic segments
+        self.prefills = 0
+        self.prefill_tokens = 0
+        self.unconverged = 0  # prefills longer than m+b still moving more than the tolerance after m+b passes
+        self.last_change: float | None = None  # the change measured by the last pass of the latest prefill
+        self._lock = threading.Lock()
+
+    def record(self, passes: list[int], tokens: list[int], changes: list[float], unconverged: int) -> None:
+        with self._lock:
+            for k in passes:
+                self.passes[min(k, self.max_passes)] += 1
+            self.prefills += len(passes)
+            self.prefill_tokens += sum(tokens)
+            self.unconverged += unconverged
+            if changes:
+                self.last_change = changes[-1]
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"max_passes": self.max_passes, "tolerance": self.tolerance, "passes": list(self.passes),
+                    "prefills": self.prefills,
+                    "prefill_tokens": self.prefill_tokens,
+                    "unconverged": self.unconverged, "last_change": self.last_change}
+
+
+class IterativePrefill:
+    """Runs the cyclic segments of one model (or pipeline stage); one per engine, built by `LCKVModel`."""
+
+    def __init__(self, plan: LayerPlan, settings: Settings, zero_slots, tp_reduce=None):
+        self.plan = plan
+        self.settings = settings
+        # use_sequential makes every token exact (one pass per token): it never stops early
+        self.tol = settings.prefill_tol if settings.adaptive and not plan.use_sequential else 0.0
+        # with tolerance 0 the change is still measured, for telemetry, against the default tolerance
+        self.yardstick = self.tol or DEFAULT_PREFILL_TOL
+        self.measure = settings.pass_economy
+        self._zero_slots = zero_slots  # (segment, step) -> None: zero the step's slots of the segment's producers
+        self._tp_reduce = tp_reduce
+        self.stats = PrefillStats(plan.num_passes, self.tol)
+        self._warned = False
+
+    # ---- one step --------------------------------------------------------------------------------------------------
+    def begin_step(self, step: LCKVStep) -> "_StepRecord":
+        return _StepRecord(step.num_reqs)
+
+    def run_segment(self, seg, run, positions, seg_in, step: LCKVStep, record: "_StepRecord",
+                    passes: int | None = None, rows_of_step: torch.Tensor | None = None):
+        """One cyclic segment over `step` (the whole step, or a part of it: then `rows_of_step` maps the part's
+        requests to the step's, for the record).  Returns the segment's output."""
+        if passes is None:
+            passes = self.plan.prefill_passes(step.max_query_len)
+        if passes > 1:
+            # With one pass (a decode-only step) nothing reads a slot of this step before its producer writes it:
+            # readers below the producer are strict, the producer writes before it reads.
+            self._zero_slots(seg, step)
+        out, used, last = self._iterate(run, positions, seg_in, step, passes)
+        record.add(used, last, step, rows_of_step)
+        return out
+
+    def _iterate(self, run, positions, seg_in, step: LCKVStep, passes: int):
+        B = step.num_reqs
+        used = torch.ones(B, dtype=torch.long)
+        last = torch.zeros(B, dtype=torch.float64)
+        if passes <= 1:
+            return run(positions, seg_in), used, last
+        if not self.settings.pass_economy:
+            # every pass over every row, as the plain iterative encoding is written (LCKV_PASS_ECONOMY=0)
+            out = None
+            for _ in range(passes):
+                out = run(positions, seg_in)
+            return out, torch.minimum(step.query_lens_cpu, torch.full_like(used, passes)), last
+        q_lens = step.query_lens_cpu
+        step.kv_capture = {}
+        try:
+            out = run(positions, seg_in)
+            prev = _stack(step.kv_capture)
+        finally:
+            step.kv_capture = None
+        starts = torch.zeros(B, dtype=torch.long)
+        for k in range(2, passes + 1):
+            starts = starts.clamp_min(k - 1)  # after pass k-1 the first k-1 tokens are exact
+            if self.tol == 0:
+                part = pass_substep(step, k)  # the rows from k-1 on, shared by every segment of the step
+                if part is None:
+                    break
+                reqs = (q_lens >= k).nonzero().flatten()
+            else:
+                reqs = (starts < q_lens).nonzero().flatten()
+                if reqs.numel() == 0:
+                    break
+                part = substep(step, reqs, starts[reqs], q_lens[reqs] - starts[reqs])
+            rows, sub = part
+            sub.kv_capture = {}
+            try:
+                with vp.metadata_swapped(sub):
+                    h = run(positions.index_select(0, rows), seg_in.index_select(0, rows))
+                new = _stack(sub.kv_capture)
+            finally:
+                sub.kv_capture = None
+            out.index_copy_(0, rows, h)
+            if new is None or prev is None:  # a segment whose producers run elsewhere: nothing to measure
+                used[reqs] = k
+                continue
+            change = row_change(new, prev.index_select(1, rows), self._tp_reduce).double().cpu()
+            prev.index_copy_(1, rows, new)
+            used[reqs] = k
+            sub_lens = sub.query_lens_cpu
+            owner = torch.repeat_interleave(torch.arange(len(reqs)), sub_lens)  # row -> index into reqs
+            last[reqs] = torch.zeros(len(reqs), dtype=torch.float64).scatter_reduce(
+                0, owner, change, "amax", include_self=False)
+            if self.tol > 0:
+                offset = torch.arange(len(owner)) - torch.repeat_interleave(sub.query_start_loc_cpu[:-1], sub_lens)
+                idx = torch.where(change > self.tol, offset, torch.full_like(offset, _NONE))
+                first = torch.full((len(reqs),), _NONE, dtype=torch.long).scatter_reduce(
+                    0, owner, idx, "amin", include_self=True)
+                starts[reqs] = torch.where(first < _NONE, starts[reqs] + first, q_lens[reqs])
+        return out, used, last
+
+    # ---- telemetry -------------------------------------------------------------------------------------------------
+    def finish_step(self, step: LCKVStep, record: "_StepRecord") -> None:
+        """Record the prefills of the step (requests with more than one token in it)."""
+        if not record.touched:
+            return
+        q_lens = step.query_lens_cpu
+        prefill = (q_lens > 1).nonzero().flatten()
+        if prefill.numel() == 0:
+            return
+        cap = self.plan.num_passes
+        passes = record.used[prefill]
+        changes = record.last[prefill]
+        long_ = q_lens[prefill] > cap
+        # a prompt of at most m+b tokens is exact after its passes; a longer one that used all m+b passes and still
+        # moved more than the tolerance has not converged
+        bad = long_ & (passes >= cap) & (changes > self.yardstick)
+        self.stats.record(passes.tolist(), q_lens[prefill].tolist(), changes.tolist(), int(bad.sum()))
+        if bool(bad.any()) and not self._warned:
+            self._warned = True
+            i = int(bad.nonzero()[0])
+            logger.warning(
+                "LCKV: this checkpoint's iterative prefill did not converge within m+b = %d passes (a %d-token "
+                "prompt still moved its K/V by %.3g > %.3g in the last pass).  Outputs then depend on how prompts "
+                "are split into steps (chunked prefill, prefix-cache hits).  For split-independent outputs serve "
+                "with %s=0 (whole-prompt prefill, no prefix caching) and %s=0 (always m+b passes).  Trained "
+                "checkpoints converge in a few passes; random-weight ones do not.",
+                cap, int(q_lens[prefill][i]), float(changes[i]), self.yardstick, CHUNKED_PREFILL_ENV,
+                PREFILL_TOL_ENV)
+
+
+class _StepRecord:
+    """Per-request passes used and last change over the cyclic segments of one step (max over segments)."""
+
+    def __init__(self, num_reqs: int):
+        self.used = torch.ones(num_reqs, dtype=torch.long)
+        self.last = torch.zeros(num_reqs, dtype=torch.float64)
+        self.touched = False
+
+    def add(self, used, last, step: LCKVStep, rows_of_step: torch.Tensor | None) -> None:
+        self.touched = True
+        if rows_of_step is None:
+            self.used = torch.maximum(self.used, used)
+            self.last = torch.maximum(self.last, last)
+        else:
+            self.used[rows_of_step] = torch.maximum(self.used[rows_of_step], used)
+            self.last[rows_of_step] = torch.maximum(self.last[rows_of_step], last)
+
+
+def _stack(capture: dict | None) -> torch.Tensor | None:
+    """The captured K/V of a pass as `[producers, tokens, D]` (producers in the order they ran)."""
+    if not capture:
+        return None
+    return torch.stack(list(capture.values()))

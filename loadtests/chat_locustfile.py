@@ -1,0 +1,177 @@
+"""Locust multi-turn chat load: conversations that share a system prompt, each turn resending the whole history.
+
+What real chat traffic looks like to a server: every conversation starts with the same system prompt (a few hundred
+tokens), and turn t's prompt is the system prompt, the earlier user messages and the assistant's replies, and the new
+user message.  With prefix caching, turn 1 finds the system prompt in the cache (after the first conversation) and
+turn t >= 2 finds the whole earlier conversation; without it, every turn prefills everything again.
+
+Each simulated user holds one conversation at a time: LCKV_CHAT_TURNS turns of streamed /v1/completions (greedy,
+`ignore_eos`, LCKV_CHAT_MAX_TOKENS tokens each), then starts the next one, until LCKV_CHAT_CONVERSATIONS conversations
+have started.  Texts are slices of LCKV_CHAT_TEXT (a text file): the system prompt is its first
+LCKV_CHAT_SYSTEM_CHARS characters, user messages are later slices of LCKV_CHAT_USER_CHARS characters, distinct per
+conversation and turn.  Per turn it records TTFT, TPOT, E2EL, prompt tokens and the prompt tokens the server took
+from its prefix cache (`usage.prompt_tokens_details.cached_tokens`, lckv-serve's OpenAI field); at the end it writes
+per-turn and overall statistics to LCKV_LOAD_OUT (JSON).  Loopback hosts only; bounded by the conversation count and
+`--run-time`.  Run through benchmarks/prefill_tax.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from urllib.parse import urlparse
+
+import gevent
+from locust import HttpUser, events, task
+from locust.exception import StopUser
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+MODEL = os.environ.get("LCKV_LOAD_MODEL")
+OUT = os.environ.get("LCKV_LOAD_OUT")
+TEXT = open(os.environ["LCKV_CHAT_TEXT"], encoding="utf-8").read() if os.environ.get("LCKV_CHAT_TEXT") else ""
+TURNS = int(os.environ.get("LCKV_CHAT_TURNS", "4"))
+CONVERSATIONS = int(os.environ.get("LCKV_CHAT_CONVERSATIONS", "12"))
+MAX_TOKENS = int(os.environ.get("LCKV_CHAT_MAX_TOKENS", "32"))
+SYSTEM_CHARS = int(os.environ.get("LCKV_CHAT_SYSTEM_CHARS", "1200"))
+USER_CHARS = int(os.environ.get("LCKV_CHAT_USER_CHARS", "160"))
+
+_lock = threading.Lock()
+_started = 0
+_finished = 0
+_samples: list[dict] = []
+_failures = 0
+_t_first: float | None = None
+_t_last: float | None = None
+
+
+@events.init.add_listener
+def _check(environment, **_):
+    host = urlparse(environment.host or "").hostname
+    if host not in LOOPBACK:
+        raise SystemExit(f"chat_locustfile: refusing to load-test {environment.host!r}: loopback hosts only")
+    if len(TEXT) < SYSTEM_CHARS + CONVERSATIONS * TURNS * USER_CHARS:
+        raise SystemExit("chat_locustfile: LCKV_CHAT_TEXT is too short for the conversations asked for")
+
+
+def _user_message(conversation: int, turn: int) -> str:
+    at = SYSTEM_CHARS + (conversation * TURNS + turn) * USER_CHARS
+    return "\n\nUSER.\n" + TEXT[at:at + USER_CHARS] + "\n\nASSISTANT.\n"
+
+
+class ChatUser(HttpUser):
+    @task
+    def conversation(self):
+        global _started
+        with _lock:
+            if _started >= CONVERSATIONS:
+                raise StopUser()
+            index, _started = _started, _started + 1
+        history = TEXT[:SYSTEM_CHARS]
+        try:
+            for turn in range(TURNS):
+                history += _user_message(index, turn)
+                reply = self._turn(history, turn)
+                if reply is None:
+                    return
+                history += reply
+        finally:
+            self._done()
+
+    def _done(self):
+        global _finished
+        with _lock:
+            _finished += 1
+            last = _finished >= CONVERSATIONS
+        if last:
+            gevent.spawn_later(0, self.environment.runner.quit)
+
+    def _turn(self, prompt: str, turn: int) -> str | None:
+        global _failures, _t_first, _t_last
+        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        if MODEL:
+            body["model"] = MODEL
+        t0 = time.perf_counter()
+        times: list[float] = []
+        text: list[str] = []
+        usage = None
+        with self.client.post("/v1/completions", json=body, stream=True, catch_response=True,
+                              name=f"turn {turn + 1}") as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
+                with _lock:
+                    _failures += 1
+                return None
+            for line in r.iter_lines():
+                if not line or not line.startswith(b"data: "):
+                    continue
+                data = line[6:]
+                if data == b"[DONE]":
+                    break
+                event = json.loads(data)
+                if event.get("choices") and event["choices"][0].get("text"):
+                    times.append(time.perf_counter())
+                    text.append(event["choices"][0]["text"])
+                if event.get("usage"):
+                    usage = event["usage"]
+            t1 = time.perf_counter()
+            if not times or not usage:
+                r.failure("no tokens or no usage in the stream")
+                with _lock:
+                    _failures += 1
+                return None
+            r.success()
+        out = usage["completion_tokens"]
+        details = usage.get("prompt_tokens_details") or {}
+        sample = {"turn": turn + 1, "ttft": times[0] - t0, "e2el": t1 - t0, "output_tokens": out,
+                  "tpot": (t1 - times[0]) / (out - 1) if out > 1 else None, "prompt_tokens": usage["prompt_tokens"],
+                  "cached_tokens": details.get("cached_tokens")}
+        with _lock:
+            _samples.append(sample)
+            _t_first = t0 if _t_first is None else min(_t_first, t0)
+            _t_last = t1 if _t_last is None else max(_t_last, t1)
+        return "".join(text)
+
+
+def _ms(values: list[float]) -> dict:
+    if not values:
+        return {"mean_ms": None, "p50_ms": None, "p99_ms": None}
+    v = sorted(values)
+
+    def pct(p):
+        return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))] * 1000
+
+    return {"mean_ms": statistics.fmean(v) * 1000, "p50_ms": pct(50), "p99_ms": pct(99)}
+
+
+def _group(samples: list[dict]) -> dict:
+    prompt = sum(s["prompt_tokens"] for s in samples)
+    cached = sum(s["cached_tokens"] or 0 for s in samples)
+    return {"requests": len(samples), "ttft": _ms([s["ttft"] for s in samples]),
+            "tpot": _ms([s["tpot"] for s in samples if s["tpot"] is not None]),
+            "e2el": _ms([s["e2el"] for s in samples]),
+            "mean_prompt_tokens": prompt / len(samples) if samples else None,
+            "prefix_cache_hit_rate": cached / prompt if prompt else None,
+            "cached_tokens_reported": all(s["cached_tokens"] is not None for s in samples)}
+
+
+def summary() -> dict:
+    with _lock:
+        samples = list(_samples)
+        span = (_t_last - _t_first) if _t_first is not None and _t_last is not None else 0.0
+        failures = _failures
+    out = _group(samples)
+    out.update(failed=failures, duration_s=span, conversations=CONVERSATIONS, turns=TURNS, max_tokens=MAX_TOKENS,
+               output_token_throughput_per_s=sum(s["output_tokens"] for s in samples) / span if span else None,
+               per_turn={str(t): _group([s for s in samples if s["turn"] == t]) for t in range(1, TURNS + 1)})
+    return out
+
+
+@events.quitting.add_listener
+def _write(environment, **_):
+    if OUT:
+        with open(OUT, "w") as f:
+            json.dump(summary(), f, indent=2)
