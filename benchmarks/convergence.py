@@ -97,7 +97,7 @@ VLLM_CODE = r"""
 import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM
-from lckv_vllm.deploy import prompt_nll
+from lckv_vllm.tools.deploy import prompt_nll
 model, windows, extra = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 llm = LLM(model, dtype="float32", max_model_len=2048, kv_cache_memory_bytes=256 << 20, seed=0, block_size=16,
           enforce_eager=True, **extra)
@@ -143,7 +143,7 @@ def main() -> int:
     if args.plot_only:
         write_outputs(json.loads((RESULTS / "convergence.json").read_text()))
         return 0
-    from lckv_vllm.deploy import text_windows
+    from lckv_vllm.tools.deploy import text_windows
     from lckv_vllm.settings import DEFAULT_PREFILL_TOL
     from throughput import machine
     from train_shakespeare import corpus

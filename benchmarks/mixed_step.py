@@ -40,7 +40,7 @@ KV_BUDGET = 512 << 20  # memory never limits these loads
 def engine(path, env, max_num_seqs):
     from vllm import LLM
 
-    from lckv_vllm.env import temporary_env
+    from lckv_vllm.tools.env import temporary_env
 
     with temporary_env(env):
         return LLM(str(path), dtype="float32", kv_cache_memory_bytes=KV_BUDGET, max_model_len=2048, seed=0,
@@ -100,7 +100,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
 
-    from lckv_vllm.checkpoint import export_llama, make_preset
+    from lckv_vllm.tools.checkpoint import export_llama, make_preset
 
     work = Path(args.workdir)
     ident = make_preset("bench-identity", work / "bench-identity")

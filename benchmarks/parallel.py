@@ -57,7 +57,7 @@ def main() -> int:
     sys.path.insert(0, str(HERE))
     from throughput import machine
 
-    from lckv_vllm.checkpoint import ModelSpec, make_model, make_preset
+    from lckv_vllm.tools.checkpoint import ModelSpec, make_model, make_preset
     from lckv_vllm.plan import pattern
 
     work = HERE.parent / "models" / "bench"

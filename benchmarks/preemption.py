@@ -1,7 +1,7 @@
 """Does recompute-after-preemption change greedy outputs of a cyclic plan?  (docs/semantics.md)
 
 vLLM 0.32 handles a full KV cache by preempting a running request and later re-encoding prompt + generated tokens
-in one prefill step.  The plugin re-encodes exactly by default (lckv_vllm/resume.py: prompt part iteratively, then
+in one prefill step.  The plugin re-encodes exactly by default (lckv_vllm/engine/resume.py: prompt part iteratively, then
 the generated tokens one at a time, as originally); `LCKV_EXACT_RECOMPUTE=0` selects the cheaper m+b-pass
 approximation.  This script squeezes the KV budget until vLLM preempts, then compares every request's greedy tokens
 and logprobs with the reference (`ReferenceModel.generate`, no preemption), for: tiny-w2 exact, tiny-w2
@@ -39,7 +39,7 @@ def run(preset: str, work: Path, exact: bool = True) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from lckv_vllm.checkpoint import make_preset
+    from lckv_vllm.tools.checkpoint import make_preset
     from lckv_vllm.reference import ReferenceModel
 
     path = make_preset(preset, work / preset)

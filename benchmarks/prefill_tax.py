@@ -49,7 +49,7 @@ ENGINES = ("llama", "identity", "lckv-fixed", "lckv")
 
 
 def engine_specs() -> dict:
-    from lckv_vllm.checkpoint import export_llama
+    from lckv_vllm.tools.checkpoint import export_llama
 
     llama = DEEP / "llama"
     if not (llama / "config.json").exists():
@@ -164,7 +164,7 @@ def loads_part(engines: dict, text: Text, workloads: dict, budgets: list[dict], 
 
 
 def chat_part(specs: dict, text_path: Path, args) -> dict:
-    from lckv_vllm.harness import free_port, read_metrics, stop_process, wait_ready
+    from lckv_vllm.tools.harness import free_port, read_metrics, stop_process, wait_ready
 
     bin_dir = Path(sys.executable).parent
     out = {}
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
 
     from bench.offline import OfflineEngine, kv_bytes_per_block
 
-    from lckv_vllm.harness import machine
+    from lckv_vllm.tools.harness import machine
     from train_shakespeare import corpus
 
     _, held = corpus()
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
                                                           for n, (p, e) in specs.items()}}}
     t0 = time.time()
     if parts & {"prefill", "loads"}:
-        from lckv_vllm.env import temporary_env  # noqa: F401 - OfflineEngine applies each engine's env
+        from lckv_vllm.tools.env import temporary_env  # noqa: F401 - OfflineEngine applies each engine's env
 
         engines = {}
         kw = dict(dtype="float32", max_model_len=max_len, max_num_batched_tokens=max_len, seed=0,

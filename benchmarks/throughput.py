@@ -35,7 +35,7 @@ BLOCK_SIZE = 128  # vLLM's CPU default; CPU_ATTN needs a multiple of 32
 
 
 def machine() -> dict:
-    from lckv_vllm.harness import machine as describe
+    from lckv_vllm.tools.harness import machine as describe
 
     return describe()
 
@@ -44,7 +44,7 @@ def build_engine(path: str, args, env: dict | None = None):
     """An in-process engine; `env` is set while it is built (the plugin resolves its attention path then)."""
     from vllm import LLM
 
-    from lckv_vllm.env import temporary_env
+    from lckv_vllm.tools.env import temporary_env
 
     kw = dict(dtype="float32", kv_cache_memory_bytes=KV_BUDGET, max_model_len=1024, seed=0, block_size=BLOCK_SIZE,
               max_num_seqs=args.batch)
@@ -112,7 +112,7 @@ def main() -> int:
 
     import random
 
-    from lckv_vllm.checkpoint import export_llama, make_preset
+    from lckv_vllm.tools.checkpoint import export_llama, make_preset
 
     work = Path(args.workdir)
     ident = make_preset("bench-identity", work / "bench-identity")

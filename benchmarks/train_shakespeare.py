@@ -99,7 +99,7 @@ def train_all(args, train_txt: Path, held_txt: Path) -> dict:
 def reference_perplexity(model: Path, text: str) -> float:
     import torch
 
-    from lckv_vllm.deploy import text_windows
+    from lckv_vllm.tools.deploy import text_windows
     from lckv_vllm.reference import ReferenceModel
 
     ref = ReferenceModel(model)

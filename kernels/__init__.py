@@ -4,5 +4,5 @@ Installed as `lckv_vllm.kernels`.  Modules: `kv_cache` (KV write and zero-fill o
 unified prefill/decode kernel with its split-KV path), `reference` (float64 torch references), `bench` (CUDA
 benchmark against vLLM's own attention).  Nothing here imports vLLM or the model (the benchmark's vLLM baseline is an
 optional import).  This package imports nothing itself: Triton must see `TRITON_INTERPRET` (CPU) before a kernel
-module is imported, so the caller decides when that happens (`lckv_vllm/attention/triton_path.py`).
+module is imported, so the caller decides when that happens (`lckv_vllm/engine/attention/triton_path.py`).
 """

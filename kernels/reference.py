@@ -2,7 +2,7 @@
 
 They are written to be obviously correct rather than fast: each sequence is gathered key by key from its block
 table, the visibility mask is spelled out from the definitions (docs/semantics.md), and everything is computed in float64.
-They deliberately share no code with `lckv_vllm/attention/torch_path.py`, so a test against them is an
+They deliberately share no code with `lckv_vllm/engine/attention/torch_path.py`, so a test against them is an
 independent check of both.
 """
 

@@ -1,7 +1,7 @@
 """The kernels under Triton's interpreter when Triton was imported *before* TRITON_INTERPRET was set.
 
 That is the situation in every vLLM process: vLLM imports Triton at start-up, and the plugin (or the lazy import in
-`lckv_vllm/attention/triton_path.py`) can only switch the interpreter on afterwards.  Triton's own @triton.jit standard
+`lckv_vllm/engine/attention/triton_path.py`) can only switch the interpreter on afterwards.  Triton's own @triton.jit standard
 library (tl.zeros, tl.max, tl.sum) is then compiled-mode and cannot be called from an interpreted kernel; the
 kernels must not depend on it.  Runs in a fresh interpreter process, since this one already imported Triton.
 """

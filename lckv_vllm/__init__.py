@@ -48,19 +48,19 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "lckv_vllm.model:LCKVLlamaForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "lckv_vllm.engine.model:LCKVLlamaForCausalLM")
 
     from vllm.v1.attention.backends.registry import register_backend
 
-    register_backend(BACKEND_NAME, "lckv_vllm.attention.backend.LCKVAttentionBackend")
-    register_backend(CPU_BACKEND_NAME, "lckv_vllm.attention.backend.LCKVCpuAttentionBackend")
+    register_backend(BACKEND_NAME, "lckv_vllm.engine.attention.backend.LCKVAttentionBackend")
+    register_backend(CPU_BACKEND_NAME, "lckv_vllm.engine.attention.backend.LCKVCpuAttentionBackend")
 
-    from .vllm_patches import install_config_hook
+    from .engine.vllm_patches import install_config_hook
 
     install_config_hook()
 
     # LCKV_ATTENTION_IMPL=triton without a GPU: the kernels can only run under Triton's interpreter, which must be
     # switched on before the kernel module is imported (lazily, at the first LCKV layer) in this process.
-    from .attention.triton_path import use_interpreter_if_needed
+    from .engine.attention.triton_path import use_interpreter_if_needed
 
     use_interpreter_if_needed()

@@ -55,7 +55,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_plan_budget(args) -> int:
-    from . import deploy
+    from .tools import deploy
 
     if args.context is None or args.context < 1:
         print("error: --context: the context length (tokens per sequence) is needed with --budget-gib", file=sys.stderr)
@@ -100,7 +100,7 @@ def _cmd_plan_budget(args) -> int:
 
 
 def _cmd_quality(args) -> int:
-    from . import deploy
+    from .tools import deploy
 
     try:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
@@ -122,7 +122,7 @@ def _cmd_quality(args) -> int:
 
 def _cmd_train(args) -> int:
     from .plan import LayerPlanError
-    from .train import train
+    from .tools.train import train
 
     try:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
@@ -142,7 +142,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_make_tokenizer(args) -> int:
-    from .tokenizer import train_tokenizer
+    from .tools.tokenizer import train_tokenizer
 
     try:
         text = Path(args.text).read_text(encoding="utf-8", errors="replace")
@@ -157,7 +157,7 @@ def _cmd_make_tokenizer(args) -> int:
 def _cmd_make_model(args) -> int:
     from dataclasses import replace
 
-    from .checkpoint import PRESETS, ModelSpec, make_model
+    from .tools.checkpoint import PRESETS, ModelSpec, make_model
     from .plan import LayerPlanError
 
     if args.preset:
@@ -193,7 +193,7 @@ def _cmd_make_model(args) -> int:
 
 
 def _cmd_export_llama(args) -> int:
-    from .checkpoint import export_llama
+    from .tools.checkpoint import export_llama
 
     try:
         print(f"wrote {export_llama(args.src, args.out)}")
@@ -204,7 +204,7 @@ def _cmd_export_llama(args) -> int:
 
 
 def _cmd_import_llama(args) -> int:
-    from .checkpoint import import_llama
+    from .tools.checkpoint import import_llama
 
     try:
         out = import_llama(args.src, args.out, args.layer_types, forward_passes=args.forward_passes,
@@ -218,7 +218,7 @@ def _cmd_import_llama(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
-    from .doctor import run
+    from .tools.doctor import run
 
     return run(fix=args.fix)
 

@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lckv_vllm.harness import free_port, log_tail, read_metrics, stop_process, wait_ready
+from lckv_vllm.tools.harness import free_port, log_tail, read_metrics, stop_process, wait_ready
 
 BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"
@@ -21,7 +21,7 @@ HOST = "127.0.0.1"
 
 def model_path(spec: str, tmp: Path) -> Path:
     """A checkpoint directory, or a preset name built into `tmp`."""
-    from lckv_vllm.checkpoint import PRESETS, make_preset
+    from lckv_vllm.tools.checkpoint import PRESETS, make_preset
 
     if spec in PRESETS:
         return make_preset(spec, tmp / spec)

@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 
 
 def _prepare(spec: str, tmp: Path) -> tuple[str, Path]:
-    from lckv_vllm.checkpoint import PRESETS, export_llama, make_preset
+    from lckv_vllm.tools.checkpoint import PRESETS, export_llama, make_preset
 
     if spec.startswith("llama:"):
         src = make_preset(spec.split(":", 1)[1], tmp / spec.split(":", 1)[1])
@@ -47,7 +47,7 @@ def _prepare(spec: str, tmp: Path) -> tuple[str, Path]:
 
 
 def _run_one(name: str, path: Path, args, tmp: Path) -> dict:
-    from lckv_vllm.harness import free_port, read_metrics, wait_ready
+    from lckv_vllm.tools.harness import free_port, read_metrics, wait_ready
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -13,7 +13,7 @@ same process (its `vllm:*` metrics), so the names below are exactly what this se
   than one token), `lckv_prefill_tokens_total`, `lckv_prefill_last_change` (the relative K/V change measured by the
   last pass of the latest prefill), `lckv_prefill_unconverged_total` (prefills longer than m+b still moving more
   than the tolerance after m+b passes), `lckv_prefill_tolerance`: the convergence telemetry of the iterative
-  prefill (`lckv_vllm.prefill`), asked of the engine process per scrape (LCKV models only; plans without a cyclic
+  prefill (`lckv_vllm.engine.prefill`), asked of the engine process per scrape (LCKV models only; plans without a cyclic
   segment never iterate and keep every count at 0).
 
 The engine's per-step statistics reach us through a stat logger handed to `AsyncLLM` (`stat_loggers=`), the

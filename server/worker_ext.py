@@ -4,7 +4,7 @@ vLLM runs the model in its engine process (one worker per rank); the only sancti
 it is `AsyncLLM.collective_rpc`, which calls a method of the worker class, extended with `worker_extension_cls`.
 Methods:
 
-* `lckv_prefill_stats()`: the convergence telemetry of the LCKV model's iterative prefill (`lckv_vllm.prefill.
+* `lckv_prefill_stats()`: the convergence telemetry of the LCKV model's iterative prefill (`lckv_vllm.engine.prefill.
   PrefillStats.snapshot()`), or None for a model without it; shown on /metrics (`server/metrics.py`);
 * `lckv_arm_fault(pattern)`: the test-only fault injection (`faults.py`).
 """

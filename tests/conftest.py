@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lckv_vllm.checkpoint import make_preset
+from lckv_vllm.tools.checkpoint import make_preset
 
 MAX_MODEL_LEN = 512
 BLOCK_SIZE = 16
@@ -43,7 +43,7 @@ def engine(model_dir):
     """engine(preset or path, **engine_kwargs) -> a cached vllm.LLM."""
     from vllm import LLM
 
-    from lckv_vllm.env import temporary_env
+    from lckv_vllm.tools.env import temporary_env
 
     cache: dict = {}
 

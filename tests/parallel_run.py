@@ -22,7 +22,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from conftest import generate, random_prompt
 
-    from lckv_vllm.checkpoint import make_preset
+    from lckv_vllm.tools.checkpoint import make_preset
     from lckv_vllm.reference import ReferenceModel
 
     ap = argparse.ArgumentParser()

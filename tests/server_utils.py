@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lckv_vllm.harness import free_port, log_tail, parse_metrics, stop_process  # noqa: F401  (re-exported)
+from lckv_vllm.tools.harness import free_port, log_tail, parse_metrics, stop_process  # noqa: F401  (re-exported)
 
 BIN = Path(sys.executable).parent
 

@@ -65,7 +65,7 @@ def test_import_llama_round_trip_and_plans(model_dir, tmp_path):
     """Llama -> LCKV: identity keeps every tensor bit for bit; a w2 plan drops exactly the consumers' k/v."""
     from safetensors.torch import load_file
 
-    from lckv_vllm.checkpoint import export_llama
+    from lckv_vllm.tools.checkpoint import export_llama
 
     llama = export_llama(model_dir("tiny-identity"), tmp_path / "llama")
     original = load_file(str(llama / "model.safetensors"))
@@ -89,7 +89,7 @@ def test_import_llama_round_trip_and_plans(model_dir, tmp_path):
 def test_import_llama_errors_name_the_problem(model_dir, tmp_path):
     r = run("import-llama", str(model_dir("tiny-w2")), str(tmp_path / "x"))
     assert r.returncode == 2 and "model_type is 'lckv-llama', expected 'llama'" in r.stderr
-    from lckv_vllm.checkpoint import export_llama
+    from lckv_vllm.tools.checkpoint import export_llama
 
     llama = export_llama(model_dir("tiny-identity"), tmp_path / "llama")
     r = run("import-llama", str(llama), str(tmp_path / "y"), "--layer-types", "0_1_9_3_4_5")
@@ -105,7 +105,7 @@ def test_wheel_ships_no_tests_or_benchmarks(tmp_path):
                     str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("lckv_vllm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "lckv_vllm/kernels/paged_attention.py" in names and "lckv_vllm/attention/step.py" in names
+    assert "lckv_vllm/kernels/paged_attention.py" in names and "lckv_vllm/engine/attention/step.py" in names
     shipped = [n for n in names if n.rsplit("/", 1)[-1].startswith(("test_", "conftest", "bench"))]
     assert shipped == [], shipped
 

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from lckv_vllm import deploy
-from lckv_vllm.checkpoint import export_llama
+from lckv_vllm.tools import deploy
+from lckv_vllm.tools.checkpoint import export_llama
 from lckv_vllm.reference import ReferenceModel
 
 TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York, and all the clouds that "

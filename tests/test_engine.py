@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import BLOCK_SIZE, generate, generate_staggered, model_of, random_prompt
-from lckv_vllm.checkpoint import export_llama
+from lckv_vllm.tools.checkpoint import export_llama
 from lckv_vllm.reference import ReferenceModel
 
 CONFIGS = ["tiny-w2", "tiny-w10", "tiny-sandwich", "tiny-cla", "tiny-yoco", "tiny-identity", "tiny-lasagna"]
@@ -236,7 +236,7 @@ def test_bad_checkpoint_fails_at_load_with_a_clear_message(model_dir, tmp_path, 
 
 
 def test_tied_embeddings(engine, tmp_path):
-    from lckv_vllm.checkpoint import make_preset
+    from lckv_vllm.tools.checkpoint import make_preset
 
     path = make_preset("tiny-w2", tmp_path / "tied", tie_word_embeddings=True, seed=7)
     from safetensors import safe_open
@@ -271,8 +271,8 @@ def test_prompt_admitted_among_running_decodes_matches_reference(engine, model_d
     """A cyclic plan: four sequences decode while a 40-token prompt (and a 6-token one) arrive; the steps that mix
     them run the extra passes only over rows that can still change (never the decode rows), and every request
     equals the reference token for token and logprob for logprob."""
-    from lckv_vllm.attention.step import pass_substep
-    from lckv_vllm.prefill import IterativePrefill
+    from lckv_vllm.engine.attention.step import pass_substep
+    from lckv_vllm.engine.prefill import IterativePrefill
 
     llm = engine("tiny-w2") if impl == "auto" else engine("tiny-w2", env={"LCKV_ATTENTION_IMPL": impl})
     mixed = []

@@ -2,7 +2,7 @@
 later re-encode prompt + generated tokens in one prefill step.
 
 Cyclic plan (tiny-w2) in whole-prompt mode with tolerance 0 (`LCKV_CHUNKED_PREFILL=0 LCKV_PREFILL_TOL=0`): the
-re-encoding is exact (lckv_vllm/resume.py), so every request equals the reference that never preempts — greedy
+re-encoding is exact (lckv_vllm/engine/resume.py), so every request equals the reference that never preempts — greedy
 tokens and logprobs.  With `LCKV_EXACT_RECOMPUTE=0` the same run uses the m+b-pass approximation, and the oracle sees
 the difference (which shows the first check can fail).  Acyclic (CLA): exact without any help.  Under the defaults
 (chunked prefill, prefix caching, adaptive passes) a trained model's re-encoding stays within the tolerance's bound
@@ -103,9 +103,9 @@ def test_plan_step_splits_a_mixed_step():
     per generated position, each with its own context lengths, slots and block-table rows."""
     import torch
 
-    from lckv_vllm.attention.step import make_step
+    from lckv_vllm.engine.attention.step import make_step
     from lckv_vllm.plan import LayerPlan
-    from lckv_vllm.resume import plan_step
+    from lckv_vllm.engine.resume import plan_step
 
     q_lens, ctx = [5, 7, 1], [0, 0, 10]
     qsl = torch.tensor([0, 5, 12, 13], dtype=torch.int32)

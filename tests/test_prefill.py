@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import TRAINED_W2, generate, model_of, random_prompt, text_prompts
-from lckv_vllm.prefill import row_change
+from lckv_vllm.engine.prefill import row_change
 from lckv_vllm.reference import ReferenceModel
 from lckv_vllm.settings import DEFAULT_PREFILL_TOL, load_settings
 

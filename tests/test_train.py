@@ -1,4 +1,4 @@
-"""The training core (lckv_vllm/train.py) against the float64 reference, and that training steps learn."""
+"""The training core (lckv_vllm/tools/train.py) against the float64 reference, and that training steps learn."""
 
 import math
 import random
@@ -8,7 +8,7 @@ import torch
 
 from conftest import random_prompt
 from lckv_vllm.reference import ReferenceModel
-from lckv_vllm.train import TrainableLCKV, cosine_lr, sample_routing, train_step
+from lckv_vllm.tools.train import TrainableLCKV, cosine_lr, sample_routing, train_step
 
 
 @pytest.mark.parametrize("preset", ["tiny-w2", "tiny-cla", "tiny-yoco", "tiny-w10", "tiny-lasagna"])
@@ -63,7 +63,7 @@ def test_train_into_w2_then_serve_equals_reference(model_dir, tmp_path, engine):
     """An identity checkpoint trained for a few steps into the w2 plan: the saved checkpoint (official format,
     consumers without k/v) loads in vLLM, and its greedy output equals the reference's on the same checkpoint."""
     from conftest import generate
-    from lckv_vllm.train import train
+    from lckv_vllm.tools.train import train
 
     text = " ".join(f"line {i}: to be or not to be, that is the question." for i in range(120))
     report = train(model_dir("tiny-identity"), tmp_path / "w2", text, layer_types="0_4_4_4_4_5", steps=3, batch=2,
@@ -88,7 +88,7 @@ TEXT = " ".join(f"line {i}: to be or not to be, that is the question; whether 't
 def test_resume_equals_an_uninterrupted_run(model_dir, tmp_path):
     """Stopped after 2 of 4 steps and resumed from train_state.pt: the same weights and history, to the bit, as one
     uninterrupted run (AdamW state, step, and the data/routing RNG all restored)."""
-    from lckv_vllm.train import train
+    from lckv_vllm.tools.train import train
 
     kw = dict(layer_types="0_4_4_4_4_5", steps=4, batch=2, seq_len=32, lr=1e-3, warmup=1, eval_every=2,
               progress=False)
@@ -103,7 +103,7 @@ def test_resume_equals_an_uninterrupted_run(model_dir, tmp_path):
 
 
 def test_resume_refuses_changed_hyperparameters(model_dir, tmp_path):
-    from lckv_vllm.train import train
+    from lckv_vllm.tools.train import train
 
     kw = dict(steps=3, batch=2, seq_len=32, warmup=1, progress=False)
     train(model_dir("tiny-identity"), tmp_path / "o", TEXT, stop_after=1, **kw)
@@ -114,7 +114,7 @@ def test_resume_refuses_changed_hyperparameters(model_dir, tmp_path):
 
 
 def test_random_routing_needs_an_identity_plan(model_dir, tmp_path):
-    from lckv_vllm.train import train
+    from lckv_vllm.tools.train import train
 
     with pytest.raises(ValueError, match="--route-prob"):
         train(model_dir("tiny-w2"), tmp_path / "o", TEXT, route_prob=0.5, steps=1, batch=1, seq_len=16,
@@ -123,7 +123,7 @@ def test_random_routing_needs_an_identity_plan(model_dir, tmp_path):
 
 def test_routed_training_sees_only_acyclic_routings(model_dir, tmp_path, monkeypatch):
     """Every routing the loop trains with reads the layer itself or a preceding one, and some read another layer."""
-    import lckv_vllm.train as tr
+    import lckv_vllm.tools.train as tr
 
     seen = []
     real = tr.train_step
@@ -145,8 +145,8 @@ def test_tokenizer_and_training_init(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from lckv_vllm.checkpoint import ModelSpec, make_model
-    from lckv_vllm.tokenizer import train_tokenizer
+    from lckv_vllm.tools.checkpoint import ModelSpec, make_model
+    from lckv_vllm.tools.tokenizer import train_tokenizer
 
     assert train_tokenizer(TEXT * 3, 400, tmp_path / "tok") == 400
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
@@ -195,7 +195,7 @@ def test_committed_trained_models_serve_as_the_reference_says(engine, name):
         rtoks, rlps = ref.generate(p, 12)
         assert toks == rtoks and max(abs(a - b) for a, b in zip(lps, rlps)) < 1e-3
     # trained, not random: a Shakespeare passage scores far below the ~4,096 perplexity of an untrained model
-    from lckv_vllm.deploy import prompt_nll
+    from lckv_vllm.tools.deploy import prompt_nll
 
     passage = (Path(__file__).resolve().parent.parent / "benchmarks/results/shakespeare_heldout.txt").read_text()
     nll, n = prompt_nll(engine(str(path)), [tok.encode(passage)[:256]])
@@ -207,8 +207,8 @@ def test_fine_tune_an_imported_llama_into_lckv(model_dir, tmp_path):
     consumers' k/v dropped) trains, its loss falls, and the result keeps the official format."""
     import json
 
-    from lckv_vllm.checkpoint import export_llama, import_llama
-    from lckv_vllm.train import train
+    from lckv_vllm.tools.checkpoint import export_llama, import_llama
+    from lckv_vllm.tools.train import train
 
     llama = export_llama(model_dir("tiny-identity"), tmp_path / "llama")
     lckv = import_llama(llama, tmp_path / "lckv", "0_4_4_4_4_5")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from conftest import generate, model_of, random_prompt
-from lckv_vllm.attention.select import make_path
-from lckv_vllm.attention.step import make_step
+from lckv_vllm.engine.attention.select import make_path
+from lckv_vllm.engine.attention.step import make_step
 from lckv_vllm.settings import ATTENTION_IMPL_ENV
 
 

@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _machine() -> dict:
-    from lckv_vllm.harness import machine
+    from lckv_vllm.tools.harness import machine
 
     return machine()
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     served_wl = [w for w in served_wl if w.name not in served_skipped]
     do_offline, do_served = not args.no_offline, not args.no_served and bool(served_models) and bool(served_wl)
 
-    from lckv_vllm.checkpoint import export_llama, make_preset
+    from lckv_vllm.tools.checkpoint import export_llama, make_preset
 
     from .offline import OfflineEngine, kv_bytes_per_block
 

@@ -69,7 +69,7 @@ class OfflineEngine:
     def start(self) -> None:
         from vllm import LLM
 
-        from lckv_vllm.env import temporary_env
+        from lckv_vllm.tools.env import temporary_env
 
         self.bytes_per_block = kv_bytes_per_block(self.path, self.block_size)
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lckv_vllm.harness import log_tail, read_metrics, stop_process
+from lckv_vllm.tools.harness import log_tail, read_metrics, stop_process
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -55,7 +55,7 @@ class Server:
 
 def launch(name: str, path: Path, budget_bytes: int, opts: dict, tmp: Path) -> Server:
     """Start lckv-serve (through serve_probe.py) without waiting for it: servers start side by side."""
-    from lckv_vllm.harness import free_port
+    from lckv_vllm.tools.harness import free_port
 
     port = free_port()
     url = f"http://{HOST}:{port}"
@@ -79,7 +79,7 @@ def launch(name: str, path: Path, budget_bytes: int, opts: dict, tmp: Path) -> S
 def wait_ready(srv: Server, timeout: float = 900) -> None:
     """Wait for /health, send one short request (the first measured TTFT is then not the engine's first-step
     set-up) and read the KV capacity from /metrics."""
-    from lckv_vllm.harness import wait_ready as wait_health
+    from lckv_vllm.tools.harness import wait_ready as wait_health
 
     try:
         wait_health(srv.url, srv.proc, timeout=timeout)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import LayerPlan, plan_from_config
+from ..plan import LayerPlan, plan_from_config
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def text_windows(model: str | Path, text: str, max_tokens: int, window: int) -> 
     each window is scored as one prompt."""
     from transformers import AutoTokenizer
 
-    from . import register
+    from .. import register
 
     register()  # the tokenizer loader reads config.json: it must know model_type "lckv-llama"
     ids = AutoTokenizer.from_pretrained(str(model)).encode(text)[:max_tokens]

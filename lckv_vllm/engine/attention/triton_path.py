@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from ..settings import attention_impl_choice
+from lckv_vllm.settings import attention_impl_choice
 from .base import AttentionPath, slot_view
 
 _KERNEL_MODULES = ("lckv_vllm.kernels.kv_cache", "lckv_vllm.kernels.paged_attention")
@@ -43,7 +43,7 @@ def _kernels():
         if not _kernels_imported() and not torch.cuda.is_available():
             # The caller has chosen Triton whatever the environment says; without CUDA only the interpreter runs.
             os.environ["TRITON_INTERPRET"] = "1"
-        from ..kernels import kv_cache, paged_attention
+        from lckv_vllm.kernels import kv_cache, paged_attention
 
         _KERNELS = (kv_cache, paged_attention)
     return _KERNELS

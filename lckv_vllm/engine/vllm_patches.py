@@ -53,7 +53,7 @@ import contextlib
 import copy
 import logging
 
-from .settings import CHUNKED_PREFILL_ENV, load_settings
+from ..settings import CHUNKED_PREFILL_ENV, load_settings
 
 logger = logging.getLogger("lckv_vllm")
 
@@ -70,7 +70,7 @@ class LCKVConfigHook:
     def verify_and_update_config(vllm_config) -> None:
         from vllm.platforms import current_platform
 
-        from .plan import LayerPlanError, plan_from_config
+        from ..plan import LayerPlanError, plan_from_config
 
         hf_config = vllm_config.model_config.hf_config
         if not current_platform.is_cpu() and not vllm_config.model_config.enforce_eager:
@@ -140,7 +140,7 @@ def install_config_hook() -> None:
     from vllm.config.compilation import CompilationConfig
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from .config import ARCHITECTURE
+    from ..config import ARCHITECTURE
 
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, LCKVConfigHook)
     if LCKV_ATTENTION_OP not in CompilationConfig._attention_ops:

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from ..settings import ATTENTION_IMPL_ENV, Settings
+from lckv_vllm.settings import ATTENTION_IMPL_ENV, Settings
 from .base import AttentionPath
 
 logger = logging.getLogger("lckv_vllm")

@@ -46,9 +46,9 @@ from . import resume
 from . import vllm_patches as vp
 from .attention.base import AttentionPath
 from .attention.select import select_path
-from .plan import LayerPlan, Segment, plan_from_config
+from ..plan import LayerPlan, Segment, plan_from_config
 from .prefill import IterativePrefill
-from .settings import Settings, load_settings
+from ..settings import Settings, load_settings
 
 logger = logging.getLogger("lckv_vllm")
 

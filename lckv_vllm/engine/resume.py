@@ -32,7 +32,7 @@ import logging
 import torch
 
 from .attention.step import LCKVStep, substep
-from .plan import LayerPlan
+from ..plan import LayerPlan
 
 logger = logging.getLogger("lckv_vllm")
 

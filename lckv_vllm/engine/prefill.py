@@ -33,8 +33,8 @@ import torch
 
 from . import vllm_patches as vp
 from .attention.step import LCKVStep, pass_substep, substep
-from .plan import LayerPlan
-from .settings import CHUNKED_PREFILL_ENV, DEFAULT_PREFILL_TOL, PREFILL_TOL_ENV, Settings
+from ..plan import LayerPlan
+from ..settings import CHUNKED_PREFILL_ENV, DEFAULT_PREFILL_TOL, PREFILL_TOL_ENV, Settings
 
 logger = logging.getLogger("lckv_vllm")
 

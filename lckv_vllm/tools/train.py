@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import LayerPlan, plan_from_config
+from ..plan import LayerPlan, plan_from_config
 
 
 class TrainableLCKV(nn.Module):
@@ -222,7 +222,7 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
 
     from transformers import AutoTokenizer
 
-    from . import register
+    from .. import register
 
     register()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -33,7 +33,7 @@ def kv_bytes_per_token(model: Path, dtype_bytes: int = 4) -> tuple[int, str, int
     import argparse
 
     from .deploy import kv_shape, load_config
-    from .plan import plan_from_config
+    from ..plan import plan_from_config
 
     cfg = load_config(model)
     plan = plan_from_config(argparse.Namespace(**cfg))

@@ -33,7 +33,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from .. import BACKEND_NAME, CPU_BACKEND_NAME
+from lckv_vllm import BACKEND_NAME, CPU_BACKEND_NAME
 from .step import LCKVStep, StepBuffers, make_step
 
 

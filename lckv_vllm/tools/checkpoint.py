@@ -19,8 +19,8 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import ARCHITECTURE, MODEL_TYPE
-from .plan import LayerPlan, pattern
+from ..config import ARCHITECTURE, MODEL_TYPE
+from ..plan import LayerPlan, pattern
 
 # The config fields the LCKV format adds to Llama's.
 LCKV_FIELDS = ("layer_types", "forward_passes", "backward_passes", "force_nodiag", "use_sequential", "sliding_window")
