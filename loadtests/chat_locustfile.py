@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import threading
 import time
 from urllib.parse import urlparse
@@ -27,6 +26,7 @@ from urllib.parse import urlparse
 import gevent
 from locust import HttpUser, events, task
 from locust.exception import StopUser
+from stream import latency_ms, read_sse
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MODEL = os.environ.get("LCKV_LOAD_MODEL")
@@ -95,9 +95,6 @@ class ChatUser(HttpUser):
         if MODEL:
             body["model"] = MODEL
         t0 = time.perf_counter()
-        times: list[float] = []
-        text: list[str] = []
-        usage = None
         with self.client.post("/v1/completions", json=body, stream=True, catch_response=True,
                               name=f"turn {turn + 1}") as r:
             if r.status_code != 200:
@@ -105,18 +102,7 @@ class ChatUser(HttpUser):
                 with _lock:
                     _failures += 1
                 return None
-            for line in r.iter_lines():
-                if not line or not line.startswith(b"data: "):
-                    continue
-                data = line[6:]
-                if data == b"[DONE]":
-                    break
-                event = json.loads(data)
-                if event.get("choices") and event["choices"][0].get("text"):
-                    times.append(time.perf_counter())
-                    text.append(event["choices"][0]["text"])
-                if event.get("usage"):
-                    usage = event["usage"]
+            times, text, usage = read_sse(r)
             t1 = time.perf_counter()
             if not times or not usage:
                 r.failure("no tokens or no usage in the stream")
@@ -136,23 +122,12 @@ class ChatUser(HttpUser):
         return "".join(text)
 
 
-def _ms(values: list[float]) -> dict:
-    if not values:
-        return {"mean_ms": None, "p50_ms": None, "p99_ms": None}
-    v = sorted(values)
-
-    def pct(p):
-        return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))] * 1000
-
-    return {"mean_ms": statistics.fmean(v) * 1000, "p50_ms": pct(50), "p99_ms": pct(99)}
-
-
 def _group(samples: list[dict]) -> dict:
     prompt = sum(s["prompt_tokens"] for s in samples)
     cached = sum(s["cached_tokens"] or 0 for s in samples)
-    return {"requests": len(samples), "ttft": _ms([s["ttft"] for s in samples]),
-            "tpot": _ms([s["tpot"] for s in samples if s["tpot"] is not None]),
-            "e2el": _ms([s["e2el"] for s in samples]),
+    return {"requests": len(samples), "ttft": latency_ms([s["ttft"] for s in samples]),
+            "tpot": latency_ms([s["tpot"] for s in samples if s["tpot"] is not None]),
+            "e2el": latency_ms([s["e2el"] for s in samples]),
             "mean_prompt_tokens": prompt / len(samples) if samples else None,
             "prefix_cache_hit_rate": cached / prompt if prompt else None,
             "cached_tokens_reported": all(s["cached_tokens"] is not None for s in samples)}

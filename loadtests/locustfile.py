@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import gevent
 from locust import HttpUser, events, task
 from locust.exception import StopUser
+from stream import latency_ms, read_sse
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MODEL = os.environ.get("LCKV_LOAD_MODEL")
@@ -96,8 +97,6 @@ class CompletionUser(HttpUser):
         if MODEL:
             body["model"] = MODEL
         t0 = time.perf_counter()
-        chunk_times: list[float] = []
-        usage = None
         with self.client.post("/v1/completions", json=body, stream=True, catch_response=True,
                               name="/v1/completions (stream)") as r:
             if r.status_code != 200:
@@ -105,17 +104,7 @@ class CompletionUser(HttpUser):
                 with _lock:
                     _failures += 1
                 return
-            for line in r.iter_lines():
-                if not line or not line.startswith(b"data: "):
-                    continue
-                data = line[6:]
-                if data == b"[DONE]":
-                    break
-                event = json.loads(data)
-                if event.get("choices") and event["choices"][0].get("text"):
-                    chunk_times.append(time.perf_counter())
-                if event.get("usage"):
-                    usage = event["usage"]
+            chunk_times, _, usage = read_sse(r)
             t1 = time.perf_counter()
             if not chunk_times or not usage:
                 r.failure("no tokens or no usage in the stream")
@@ -136,17 +125,6 @@ class CompletionUser(HttpUser):
             _t_last = t1 if _t_last is None else max(_t_last, t1)
 
 
-def _stats(values: list[float]) -> dict:
-    if not values:
-        return {"mean_ms": None, "p50_ms": None, "p99_ms": None}
-    v = sorted(values)
-
-    def pct(p):
-        return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))] * 1000
-
-    return {"mean_ms": statistics.fmean(v) * 1000, "p50_ms": pct(50), "p99_ms": pct(99)}
-
-
 def summary() -> dict:
     with _lock:
         samples = list(_samples)
@@ -161,10 +139,10 @@ def summary() -> dict:
         "output_token_throughput_per_s": out_tokens / span if span else None,
         "mean_prompt_tokens": statistics.fmean(s["prompt_tokens"] for s in samples) if samples else None,
         "output_tokens_per_request": MAX_TOKENS,
-        "ttft": _stats([s["ttft"] for s in samples]),
-        "tpot": _stats([s["tpot"] for s in samples if s["tpot"] is not None]),
-        "itl": _stats([x for s in samples for x in s["itl"]]),
-        "e2el": _stats([s["e2el"] for s in samples]),
+        "ttft": latency_ms([s["ttft"] for s in samples]),
+        "tpot": latency_ms([s["tpot"] for s in samples if s["tpot"] is not None]),
+        "itl": latency_ms([x for s in samples for x in s["itl"]]),
+        "e2el": latency_ms([s["e2el"] for s in samples]),
     }
 
 
