@@ -52,7 +52,9 @@ def ppl(nlls: list[list[float]]) -> float:
     return math.exp(sum(flat) / len(flat))
 
 
-def reference_side(model: Path, windows: list[list[int]]) -> dict:
+def reference_side(model: Path, windows: list[list[int]], previous: dict | None = None) -> dict:
+    """`previous`: an earlier run's result for this model: its tolerance sweep is kept (it does not depend on the
+    default tolerance), the default-tolerance measurements are redone."""
     from lckv_vllm.reference import ReferenceModel
     from lckv_vllm.settings import DEFAULT_PREFILL_TOL
 
@@ -60,6 +62,10 @@ def reference_side(model: Path, windows: list[list[int]]) -> dict:
     mb = ref.plan.num_passes
     out: dict = {"m_plus_b": mb}
     t0 = time.time()
+    if previous is not None:
+        out.update({k: previous[k] for k in ("ppl_m_plus_b", "ppl_sequential", "fixed", "adaptive")})
+        out["sweep_from_earlier_run"] = True
+        return _chunked(ref, windows, out, DEFAULT_PREFILL_TOL, t0)
     exact = [nll_of(ref.forward_iterative(w, passes=mb, tol=0), w) for w in windows]
     out["ppl_m_plus_b"] = ppl(exact)
     out["ppl_sequential"] = ppl([nll_of(ref.forward_sequential(w), w) for w in windows])
@@ -82,12 +88,16 @@ def reference_side(model: Path, windows: list[list[int]]) -> dict:
         }
         print(f"  tol {tol}: ppl {ppl(nlls):.4f} ({out['adaptive'][str(tol)]['rel_to_m_plus_b']:+.2e}), passes "
               f"{passes}, max |dlogprob| {worst:.2e}", flush=True)
+    return _chunked(ref, windows, out, DEFAULT_PREFILL_TOL, t0)
+
+
+def _chunked(ref, windows, out: dict, tol: float, t0: float) -> dict:
     out["chunked_default_tol"] = {}
     for c in CHUNKS:
         nlls = []
         for w in windows:
             sizes = [c] * (len(w) // c) + ([len(w) % c] if len(w) % c else [])
-            nlls.append(nll_of(ref.forward_chunked(w, sizes, tol=DEFAULT_PREFILL_TOL), w))
+            nlls.append(nll_of(ref.forward_chunked(w, sizes, tol=tol), w))
         out["chunked_default_tol"][str(c)] = ppl(nlls)
     out["reference_seconds"] = round(time.time() - t0, 1)
     return out
@@ -139,6 +149,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--keep-sweep", action="store_true",
+                    help="reuse the committed tolerance sweep; redo what depends on the default tolerance")
     args = ap.parse_args()
     if args.plot_only:
         write_outputs(json.loads((RESULTS / "convergence.json").read_text()))
@@ -158,7 +170,10 @@ def main() -> int:
         print(f"{name}: {len(windows)} windows of {window} tokens", flush=True)
         r = {"checkpoint": str(model.relative_to(ROOT)), "layer_types": report["layer_types"], "window": window,
              "windows": len(windows)}
-        r["reference"] = reference_side(model, windows)
+        previous = None
+        if args.keep_sweep:
+            previous = json.loads((RESULTS / "convergence.json").read_text())["models"][name]["reference"]
+        r["reference"] = reference_side(model, windows, previous)
         r["vllm"] = vllm_side(model, windows)
         results["models"][name] = r
     write_outputs(results)

@@ -370,8 +370,10 @@ def write_outputs(report: dict) -> None:
                 turns = list(r["per_turn"])
                 ax.plot([int(t) for t in turns], [r["per_turn"][t]["ttft"]["mean_ms"] for t in turns], "o-",
                         label=f"{name} (hit rate {r['prefix_cache_hit_rate']:.2f})")
+            ax.set_yscale("log")
+            ax.set_xticks(range(1, len(turns) + 1))
             ax.set_xlabel("turn")
-            ax.set_ylabel("TTFT mean, ms")
+            ax.set_ylabel("TTFT mean, ms (log scale)")
             ax.set_title("multi-turn chat, served", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
