@@ -383,24 +383,41 @@ def _wait_idle(http, timeout: float) -> tuple[float, dict]:
         time.sleep(0.1)
 
 
+def _stream_tokens(c: httpx.Client, body: dict, stop_after: int | None = None):
+    """Stream a completion with logprobs=0 (so every event says how many tokens it carries): yields
+    (arrival time, tokens in the event) per event; stops reading after `stop_after` tokens."""
+    seen = 0
+    with c.stream("POST", "/v1/completions", json={**body, "stream": True, "logprobs": 0}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[len("data: "):])
+            assert "error" not in event, event
+            n = len(event["choices"][0]["logprobs"]["tokens"]) if event["choices"] else 0
+            seen += n
+            yield time.monotonic(), n
+            if stop_after is not None and seen >= stop_after:
+                return
+
+
 def test_disconnect_mid_stream_aborts_engine_request(http, server):
     _wait_idle(http, 30)
-    before = metrics(http).get('lckv_requests_total{endpoint="/v1/completions",status="499"}', 0)
-    body = {"model": MODEL, "prompt": "Tell me a long story", "max_tokens": 480, "ignore_eos": True,
-            "stream": True}
-    stamps = []
+    body = {"model": MODEL, "prompt": "Tell me a long story", "ignore_eos": True}
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
-        with c.stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    stamps.append(time.monotonic())
-                if len(stamps) == 12:
-                    break
-            during = metrics(http)
-    assert during["lckv_requests_running"] == 1 and during["lckv_kv_usage_ratio"] > 0, during
-    # the rest of the 480 tokens would take this long at the observed pace
-    remaining = (480 - 12) * (stamps[-1] - stamps[1]) / 10
+        # the engine's decode pace, measured on a whole 64-token stream (events may carry several tokens when the
+        # HTTP side lags the engine, so tokens are counted, not events)
+        events = list(_stream_tokens(c, {**body, "max_tokens": 64}))
+        assert sum(n for _, n in events) == 64
+        per_token = (events[-1][0] - events[0][0]) / (64 - events[0][1])
+        _wait_idle(http, 30)
+        before = metrics(http).get('lckv_requests_total{endpoint="/v1/completions",status="499"}', 0)
+        # disconnect as soon as the first tokens arrive: the engine then still has hundreds of steps to go
+        got = list(_stream_tokens(c, {**body, "max_tokens": 480}, stop_after=1))
+        during = metrics(http)
+    received = sum(n for _, n in got)
+    assert during["lckv_requests_running"] == 1 and during["lckv_kv_usage_ratio"] > 0, (received, during)
+    remaining = (480 - received) * per_token  # the time the rest of the request would have taken
     took, after = _wait_idle(http, 30)
     assert took < max(0.5, remaining / 3), (took, remaining)
     assert after['lckv_requests_total{endpoint="/v1/completions",status="499"}'] == before + 1
