@@ -204,6 +204,22 @@ class LayerPlan:
     def window(self, layer: int) -> int | None:
         return self.sliding_window if self.roles[layer].sliding else None
 
+    def readers(self, producer: int) -> tuple[int, ...]:
+        """The layers whose queries read `producer`'s K/V (itself included when it does)."""
+        return tuple(r.index for r in self.roles if r.attends_to == producer)
+
+    def page_window(self, producer: int) -> int | None:
+        """How far back any reader can see into `producer`'s pages: `sliding_window` when every layer reading it is
+        sliding-window, else None (some reader needs the whole sequence).  A producer with a page window gets
+        vLLM's sliding-window KV spec, so its pages that fall out of the window are freed (windowed pages)."""
+        if not self.roles[producer].computes_kv:
+            raise ValueError(f"layer {producer} keeps no KV")
+        return self.sliding_window if all(self.roles[r].sliding for r in self.readers(producer)) else None
+
+    @property
+    def windowed_producers(self) -> tuple[int, ...]:
+        return tuple(p for p in self.producers if self.page_window(p) is not None)
+
     def kv_bytes_per_token(self, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
         return len(self.producers) * 2 * num_kv_heads * head_dim * dtype_bytes
 

@@ -1,6 +1,6 @@
 """The plugin's switches, resolved once into one frozen `Settings` object.
 
-Five switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
+Six switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
 
 * `LCKV_ATTENTION_IMPL` = auto | cpu | torch | triton: who does the attention math (`attention/select.py`);
 * `LCKV_EXACT_RECOMPUTE` (config `lckv_exact_recompute`, default on): after preemption, cyclic plans re-encode the
@@ -11,6 +11,9 @@ Five switches exist, each an environment variable with a config-field twin (so `
 * `LCKV_PREFILL_TOL` (config `lckv_prefill_tol`, default `DEFAULT_PREFILL_TOL`): adaptive passes: a sequence stops
   iterating once its producer K/V moved by less than this (relative) in a pass; 0 = always m+b passes
   (`prefill.py`);
+* `LCKV_WINDOWED_PAGES` (config `lckv_windowed_pages`, default on): a producer whose every reader is sliding-window
+  gets vLLM's sliding-window KV spec, so its pages older than the window are freed (`LayerPlan.page_window`); off
+  keeps full pages for every producer (the window applied on read only), the layout before windowed pages;
 * `LCKV_PASS_ECONOMY` (config `lckv_pass_economy`, default on): passes after the first of an iterative prefill run
   only over rows that can still change (`prefill.py`); off runs every pass over every row (and no adaptive stop),
   the m+b-pass result at a higher cost: kept to measure the economy and as a fallback.
@@ -31,6 +34,7 @@ EXACT_RECOMPUTE_ENV = "LCKV_EXACT_RECOMPUTE"
 CHUNKED_PREFILL_ENV = "LCKV_CHUNKED_PREFILL"
 PASS_ECONOMY_ENV = "LCKV_PASS_ECONOMY"
 PREFILL_TOL_ENV = "LCKV_PREFILL_TOL"
+WINDOWED_PAGES_ENV = "LCKV_WINDOWED_PAGES"
 
 # Chosen by measurement on the trained Shakespeare models (docs/prefill.md, benchmarks/results/convergence.json):
 # the loosest tolerance whose held-out perplexity stays within 0.1 % of the m+b-pass value on every trained model.
@@ -48,6 +52,7 @@ class Settings:
     chunked_prefill: bool = True
     pass_economy: bool = True
     prefill_tol: float = DEFAULT_PREFILL_TOL
+    windowed_pages: bool = True
 
     @property
     def adaptive(self) -> bool:
@@ -108,4 +113,5 @@ def load_settings(hf_config=None, environ: Mapping[str, str] | None = None) -> S
         chunked_prefill=_switch(environ, CHUNKED_PREFILL_ENV, hf_config, "lckv_chunked_prefill", True),
         pass_economy=_switch(environ, PASS_ECONOMY_ENV, hf_config, "lckv_pass_economy", True),
         prefill_tol=prefill_tol_choice(environ, hf_config),
+        windowed_pages=_switch(environ, WINDOWED_PAGES_ENV, hf_config, "lckv_windowed_pages", True),
     )

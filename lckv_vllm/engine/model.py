@@ -72,10 +72,12 @@ def _lckv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: t
         return
     t = step.num_actual_tokens
     if spec.computes_kv:
-        if step.kv_capture is not None:  # adaptive prefill measures how far this pass moved the K/V (prefill.py)
-            step.kv_capture[layer_name] = torch.cat([k[:t], v[:t]], -1)
+        # its own pages may sit in another KV-cache group than the pages it reads (windowed pages): own slots
+        own = step if spec.read_name == layer_name else vp.step_metadata(layer_name)
+        if own.kv_capture is not None:  # adaptive prefill measures how far this pass moved the K/V (prefill.py)
+            own.kv_capture[layer_name] = torch.cat([k[:t], v[:t]], -1)
         spec.path.write_kv(k[:t].view(t, spec.num_kv_heads, spec.head_dim),
-                           v[:t].view(t, spec.num_kv_heads, spec.head_dim), layer.kv_cache, step.slot_mapping, step)
+                           v[:t].view(t, spec.num_kv_heads, spec.head_dim), layer.kv_cache, own.slot_mapping, own)
     spec.path.attend(q[:t].view(t, spec.num_heads, spec.head_dim), layers[spec.read_name].kv_cache, step,
                      scale=spec.scale, strict=spec.strict, window=spec.window,
                      out=output[:t].view(t, spec.num_heads, spec.head_dim))
@@ -109,7 +111,7 @@ class _AttnSpec:
 
 class LCKVAttention(nn.Module):
     def __init__(self, config, plan: LayerPlan, layer_idx: int, vllm_config: VllmConfig, model_prefix: str,
-                 prefix: str, path: AttentionPath):
+                 prefix: str, path: AttentionPath, windowed_pages: bool = True):
         super().__init__()
         role = plan.roles[layer_idx]
         self.role = role
@@ -162,6 +164,11 @@ class LCKVAttention(nn.Module):
             is_neox_style=True,
         )
         self.path = path
+        # A producer whose every reader is sliding-window gets sliding-window pages (vLLM frees what falls out of
+        # the window); every other layer full-attention pages, the window applied on read (vllm_patches item 8).
+        page_window = None
+        if role.computes_kv and windowed_pages:
+            page_window = plan.page_window(layer_idx)
         # Built without a sharing target: a consumer's producer may be a later layer, which vLLM's constructor-time
         # check rejects.  The model binds consumers to their producers once every layer exists.
         self.attn = Attention(
@@ -169,8 +176,8 @@ class LCKVAttention(nn.Module):
             self.head_dim,
             self.scaling,
             num_kv_heads=self.num_kv_heads,
-            # all pages full attention, the window applied on read (vllm_patches item 8)
             cache_config=vp.full_attention_cache_config(vllm_config.cache_config),
+            per_layer_sliding_window=page_window,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
             attn_backend=path.backend,
@@ -202,10 +209,11 @@ class LCKVAttention(nn.Module):
 
 class LCKVDecoderLayer(nn.Module):
     def __init__(self, config, plan: LayerPlan, layer_idx: int, vllm_config: VllmConfig, model_prefix: str,
-                 path: AttentionPath):
+                 path: AttentionPath, windowed_pages: bool = True):
         super().__init__()
         prefix = f"{model_prefix}.layers.{layer_idx}"
-        self.self_attn = LCKVAttention(config, plan, layer_idx, vllm_config, model_prefix, f"{prefix}.self_attn", path)
+        self.self_attn = LCKVAttention(config, plan, layer_idx, vllm_config, model_prefix, f"{prefix}.self_attn", path,
+                                       windowed_pages)
         self.mlp = LlamaMLP(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -271,7 +279,7 @@ class LCKVModel(nn.Module):
         else:
             self.embed_tokens = PPMissingLayer()
         self.layers = nn.ModuleList(
-            LCKVDecoderLayer(config, self.plan, i, vllm_config, prefix, self.path)
+            LCKVDecoderLayer(config, self.plan, i, vllm_config, prefix, self.path, self.settings.windowed_pages)
             if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )
@@ -320,6 +328,7 @@ class LCKVModel(nn.Module):
         else:
             hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         step = vp.step_metadata(self.step_layer)
+        vp.link_step_groups()
         parts = None
         if self.exact_recompute and step is not None:
             parts = resume.plan_step(step, self.plan)
@@ -338,10 +347,13 @@ class LCKVModel(nn.Module):
         return self.norm(hidden)
 
     def _zero_producer_slots(self, seg, step) -> None:
-        """The starting point of an iterative encoding: this step's K/V of the segment's producers are zeros."""
+        """The starting point of an iterative encoding: this step's K/V of the segment's producers are zeros.
+        `step` is the one in the forward context; each producer's slots come from its own KV-cache group's member."""
         for p in seg.layers:
             if self.plan.roles[p].computes_kv:
-                self.path.zero_slots(self.layers[p].self_attn.attn.kv_cache, step)
+                attn = self.layers[p].self_attn.attn
+                own = vp.step_metadata(attn.layer_name) if step.family is not None else step
+                self.path.zero_slots(attn.kv_cache, own)
 
     def _run_parts(self, seg, run, positions, hidden, parts, record):
         """A cyclic segment over a step that re-encodes generated tokens: part by part (see resume.py)."""

@@ -133,12 +133,13 @@ class IterativePrefill:
                 out = run(positions, seg_in)
             return out, torch.minimum(step.query_lens_cpu, torch.full_like(used, passes)), last
         q_lens = step.query_lens_cpu
-        step.kv_capture = {}
+        capture: dict = {}
+        step.set_capture(capture)  # on every KV-cache group's step: each producer records into its own group's
         try:
             out = run(positions, seg_in)
-            prev = _stack(step.kv_capture)
+            prev = _stack(capture)
         finally:
-            step.kv_capture = None
+            step.set_capture(None)
         starts = torch.zeros(B, dtype=torch.long)
         for k in range(2, passes + 1):
             starts = starts.clamp_min(k - 1)  # after pass k-1 the first k-1 tokens are exact
@@ -153,13 +154,14 @@ class IterativePrefill:
                     break
                 part = substep(step, reqs, starts[reqs], q_lens[reqs] - starts[reqs])
             rows, sub = part
-            sub.kv_capture = {}
+            capture = {}
+            sub.set_capture(capture)
             try:
                 with vp.metadata_swapped(sub):
                     h = run(positions.index_select(0, rows), seg_in.index_select(0, rows))
-                new = _stack(sub.kv_capture)
+                new = _stack(capture)
             finally:
-                sub.kv_capture = None
+                sub.set_capture(None)
             out.index_copy_(0, rows, h)
             if new is None or prev is None:  # a segment whose producers run elsewhere: nothing to measure
                 used[reqs] = k

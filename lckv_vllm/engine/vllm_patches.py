@@ -31,15 +31,16 @@ are the first things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTE
    exists, then sets `kv_sharing_target_layer_name` on the layer and its impl (vLLM then allocates no pages for the
    consumer and binds the producer's cache tensor to it).
 6. The forward context's `attn_metadata` swapped for a sub-step (`metadata_swapped`): the exact re-encoding after
-   preemption runs parts of a step with metadata describing just those tokens, and every layer reads its metadata
-   from the forward context.
+   preemption and the later prefill passes run parts of a step with metadata describing just those tokens, and every
+   layer reads its metadata from the forward context (one object per KV-cache group; `link_step_groups` links them).
 7. vLLM's CPU attention kernels (`torch.ops._C` through `vllm._custom_ops`, and `cpu_attn._get_attn_isa` for the
    kernel variant vLLM's own CPU backend would pick): the `cpu` attention path (attention/cpu.py) runs them with
    strict-causal arguments.  They are not a public API.
 8. A private copy of the cache config without `sliding_window` (`full_attention_cache_config`): vLLM copies the
    model's `sliding_window` into the cache config, which gives *every* layer a sliding-window KV spec and lets the
-   block manager free pages that full-attention readers of the same producer still need.  LCKV pages are allocated
-   as full attention; the window is applied when reading.
+   block manager free pages that full-attention readers of the same producer still need.  The window of each
+   producer's pages is the plan's instead (`LayerPlan.page_window`, passed as vLLM's `per_layer_sliding_window`):
+   sliding-window pages only for producers whose every reader is sliding-window; readers apply their window too.
 9. `GPUModelRunner.sync_and_gather_intermediate_tensors` (the CPU runner inherits it): a later pipeline stage keeps
    a buffer for the hidden states it receives, which vLLM allocates only in its dummy (warm-up) run; the CPU runner
    skips that run in eager mode, so eager pipeline parallelism on CPU fails on its first step (also for vLLM's own
@@ -196,15 +197,37 @@ def step_metadata(layer_name: str):
     return md
 
 
+def link_step_groups():
+    """The steps of this forward, one per KV-cache group (windowed pages give several), linked as one family
+    (`LCKVStep.family`); returns them (empty in profiling / dummy runs)."""
+    from vllm.forward_context import get_forward_context
+
+    from .attention.step import LCKVStep
+
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):
+        md = md[0]
+    values = md.values() if isinstance(md, dict) else [md]
+    steps = list({id(v): v for v in values if isinstance(v, LCKVStep)}.values())
+    if len(steps) > 1:
+        for s in steps:
+            s.family = steps
+    return steps
+
+
 @contextlib.contextmanager
 def metadata_swapped(step):
-    """Item 6: make `step` the attention metadata of every layer for the duration (the forward context holds one
-    entry per layer name; all LCKV producers share one KV-cache group, hence one metadata object)."""
+    """Item 6: make `step` (a sub-step) the attention metadata of every layer for the duration: each layer gets the
+    member of `step`'s family cut from the step it has now (one per KV-cache group)."""
     from vllm.forward_context import get_forward_context
 
     ctx = get_forward_context()
     saved = ctx.attn_metadata
-    ctx.attn_metadata = {name: step for name in saved}
+    by_origin = {id(m.origin): m for m in step.members}
+    if len(by_origin) == 1:
+        ctx.attn_metadata = {name: step for name in saved}
+    else:
+        ctx.attn_metadata = {name: by_origin[id(v)] for name, v in saved.items()}
     try:
         yield
     finally:

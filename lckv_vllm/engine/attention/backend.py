@@ -168,7 +168,9 @@ class LCKVAttentionImpl(AttentionImpl[LCKVStep]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
         self.strict = lckv_strict
-        self.window = lckv_window if lckv_window is not None else sliding_window
+        # the LCKV model hands its reader's window over; vLLM's `sliding_window` is the window of the layer's own
+        # pages (a producer's page window), which is not always the window its queries read with
+        self.window = lckv_window if lckv_path is not None or lckv_window is not None else sliding_window
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

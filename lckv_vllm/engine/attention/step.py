@@ -6,6 +6,11 @@ derives from the batch is derived here, once: host-side query/context lengths, w
 (their first row sees no key under the strict mask), the strict sequence lengths.  The per-step caches of the paths
 live here too, as typed fields, so nothing outlives the step.
 
+A model whose producers sit in several KV-cache groups (windowed pages: full-attention and sliding-window producers,
+`LayerPlan.page_window`) gets one step object per group from vLLM: same requests, lengths and positions, each with
+its group's block table and slot mapping.  The model links them (`family`, every member listing all) so that a
+sub-step is cut from every group at once and swapped in for each layer's own group (`vllm_patches.metadata_swapped`).
+
 Device tensors that are derived per step (`strict_seq_lens`) are written into buffers the builder allocates once
 (`StepBuffers`), so their addresses do not change from step to step, as CUDA-graph capture will require.
 """
@@ -55,6 +60,19 @@ class LCKVStep:
     # adaptive prefill (prefill.py): while a dict, every producer that runs records the K/V it writes,
     # layer name -> [num_actual_tokens, 2 * num_kv_heads * head_dim] (K then V, as written)
     kv_capture: dict | None = None
+    # several KV-cache groups: every group's step of this batch, this one included, in one shared order (None: one
+    # group); for a sub-step, `origin` is the step it was cut from
+    family: list | None = None
+    origin: object = None
+
+    @property
+    def members(self) -> list:
+        return self.family if self.family is not None else [self]
+
+    def set_capture(self, capture: dict | None) -> None:
+        """Start (a dict) or stop (None) recording producer K/V on every group's step: one dict for all."""
+        for m in self.members:
+            m.kv_capture = capture
 
     @property
     def is_decode_only(self) -> bool:
@@ -119,7 +137,7 @@ def substep(step: LCKVStep, reqs: torch.Tensor, starts: torch.Tensor, lens: torc
     """Part of a step: request `reqs[i]` contributes its step tokens [starts[i], starts[i] + lens[i]) (host tensors).
 
     Returns the rows (indices into the step's tokens, on the step's device) and the sub-step describing just them,
-    with the context each request had at that point.
+    with the context each request had at that point; cut from every KV-cache group's step of the batch (`family`).
     """
     qsl = step.query_start_loc_cpu
     rows = torch.cat([torch.arange(int(qsl[r] + s), int(qsl[r] + s + n)) for r, s, n in
@@ -129,14 +147,22 @@ def substep(step: LCKVStep, reqs: torch.Tensor, starts: torch.Tensor, lens: torc
     seq_lens = (step.context_lens_cpu[reqs] + starts + lens).to(torch.int32)
     device = step.query_start_loc.device
     rows_dev = rows.to(device)
-    sub = make_step(
-        query_start_loc=new_qsl.to(device),
-        seq_lens=seq_lens.to(device),
-        block_table=step.block_table.index_select(0, reqs.to(step.block_table.device)),
-        slot_mapping=step.slot_mapping.index_select(0, rows_dev),
-        num_reqs=int(reqs.numel()),
-        num_actual_tokens=int(rows.numel()),
-        query_start_loc_cpu=new_qsl,
-        seq_lens_cpu=seq_lens,
-    )
-    return rows_dev, sub
+    qsl_dev, seq_lens_dev = new_qsl.to(device), seq_lens.to(device)
+    subs = []
+    for m in step.members:
+        sub = make_step(
+            query_start_loc=qsl_dev,
+            seq_lens=seq_lens_dev,
+            block_table=m.block_table.index_select(0, reqs.to(m.block_table.device)),
+            slot_mapping=m.slot_mapping.index_select(0, rows_dev),
+            num_reqs=int(reqs.numel()),
+            num_actual_tokens=int(rows.numel()),
+            query_start_loc_cpu=new_qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        sub.origin = m
+        subs.append(sub)
+    if len(subs) > 1:
+        for sub in subs:
+            sub.family = subs
+    return rows_dev, subs[step.members.index(step)]
