@@ -2,8 +2,8 @@
 
 `register()` is the plugin's one entry point (entry-point group `vllm.general_plugins`).  vLLM calls it in every
 process it starts, so it is idempotent and cheap: it registers the HF config class for `model_type: "lckv-llama"`,
-the model architecture (lazily, by module path) and the attention backend, and the config hook that forces
-whole-prompt prefill for cyclic plans; with `LCKV_ATTENTION_IMPL=triton` on a machine without CUDA it also turns on
+the model architecture (lazily, by module path) and the attention backend, the config hook that forces
+whole-prompt prefill for cyclic plans, and the KV spec of StreamingLLM mode's sink + window pages; with `LCKV_ATTENTION_IMPL=triton` on a machine without CUDA it also turns on
 Triton's interpreter (`TRITON_INTERPRET=1`) for the process.
 """
 
@@ -55,9 +55,10 @@ def register() -> None:
     register_backend(BACKEND_NAME, "lckv_vllm.engine.attention.backend.LCKVAttentionBackend")
     register_backend(CPU_BACKEND_NAME, "lckv_vllm.engine.attention.backend.LCKVCpuAttentionBackend")
 
-    from .engine.vllm_patches import install_config_hook
+    from .engine.vllm_patches import install_config_hook, register_sink_window_pages
 
     install_config_hook()
+    register_sink_window_pages()
 
     # LCKV_ATTENTION_IMPL=triton without a GPU: the kernels can only run under Triton's interpreter, which must be
     # switched on before the kernel module is imported (lazily, at the first LCKV layer) in this process.

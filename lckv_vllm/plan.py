@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .streaming import Streaming, StreamingError, streaming_from_config
+
 _ENTRY = re.compile(r"^(\d+)(s?)$")
 
 DEFAULT_FORWARD_PASSES = 7
@@ -67,6 +69,7 @@ class LayerPlan:
     force_nodiag: bool = False
     sliding_window: int | None = None
     use_sequential: bool = False  # encode prompts token by token (exact, one pass per token of the longest prompt)
+    streaming: Streaming | None = None  # StreamingLLM mode: every producer keeps sinks + a window (streaming.py)
     _producers: tuple[int, ...] = field(default=(), repr=False)
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -81,6 +84,7 @@ class LayerPlan:
         force_nodiag: bool = False,
         sliding_window: int | None = None,
         use_sequential: bool = False,
+        streaming: Streaming | None = None,
     ) -> "LayerPlan":
         if layer_types is None:
             if num_layers is None:
@@ -122,6 +126,12 @@ class LayerPlan:
                 f"sliding_window: layer_types entry {first} ({entries[first]!r}) asks for sliding-window attention "
                 f"but sliding_window is {sliding_window!r}"
             )
+        if streaming is not None and any(sliding):
+            first = sliding.index(True)
+            raise LayerPlanError(
+                f"lckv_streaming: layer_types entry {first} ({entries[first]!r}) is sliding-window; streaming gives "
+                f"every layer sinks + a window of its own, so serve it with a plan without 's' entries"
+            )
         producers = sorted(set(attends))
         roles = tuple(
             LayerRole(
@@ -143,6 +153,7 @@ class LayerPlan:
             force_nodiag=force_nodiag,
             sliding_window=sliding_window,
             use_sequential=bool(use_sequential),
+            streaming=streaming,
             _producers=tuple(producers),
         )
         plan._check_invariants()
@@ -214,6 +225,8 @@ class LayerPlan:
         vLLM's sliding-window KV spec, so its pages that fall out of the window are freed (windowed pages)."""
         if not self.roles[producer].computes_kv:
             raise ValueError(f"layer {producer} keeps no KV")
+        if self.streaming is not None:  # sinks + window pages (their own KV spec, vllm_patches item 10)
+            return self.streaming.window
         return self.sliding_window if all(self.roles[r].sliding for r in self.readers(producer)) else None
 
     @property
@@ -315,6 +328,7 @@ class LayerPlan:
             f"segments: {', '.join(f'[{s.start},{s.end})' + (' cyclic' if s.cyclic else '') for s in self.segments)}",
             f"prefill passes over cyclic segments: {passes if self.is_cyclic else '1 (acyclic plan: no iteration)'}",
             f"force_nodiag: {self.force_nodiag}, sliding_window: {self.sliding_window}",
+            f"streaming: {self.streaming.describe() if self.streaming else 'off'}",
             f"KV cache per token vs. an all-layer model: {len(self.producers)}/{self.num_layers} = {self.kv_ratio:.4f} "
             f"(capacity x{self.num_layers / len(self.producers):.2f})",
         ]
@@ -361,6 +375,10 @@ def layer_types_of(config) -> str | None:
 
 def plan_from_config(config) -> "LayerPlan":
     """The plan of an HF-style config object (attributes as in the official checkpoints)."""
+    try:
+        streaming = streaming_from_config(config)
+    except StreamingError as e:
+        raise LayerPlanError(str(e)) from None
     return LayerPlan.parse(
         layer_types_of(config),
         getattr(config, "num_hidden_layers", None),
@@ -369,6 +387,7 @@ def plan_from_config(config) -> "LayerPlan":
         force_nodiag=bool(getattr(config, "force_nodiag", False)),
         sliding_window=getattr(config, "sliding_window", None),
         use_sequential=bool(getattr(config, "use_sequential", False)),
+        streaming=streaming,
     )
 
 

@@ -12,6 +12,9 @@ paging, no batching and no vLLM import, in float64 by default:
   prefix-cache hits, decode steps).
 * `generate(prompt, n)`: whole-prompt (or chunked) iterative prefill with up to m+b adaptive passes, then one
   token per step: greedy tokens and their log-probabilities, i.e. what the server must produce.
+
+With `lckv_streaming` in the config (StreamingLLM mode, `lckv_vllm/streaming.py`) the cache keeps keys without
+rotary embedding and every read applies the sink + window visibility and the pos-shift rotation per query.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class ReferenceModel:
         rp = getattr(c, "rope_parameters", None) or {}
         theta = rp.get("rope_theta", getattr(c, "rope_theta", 10000.0))
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float64) / self.hd))
+        self.streaming = self.plan.streaming
 
     # ---- building blocks --------------------------------------------------------------------------------------
     def _norm(self, x, name):
@@ -121,14 +125,34 @@ class ReferenceModel:
         out = torch.einsum("hqk,khd->qhd", probs, Vr)
         return torch.where(has[:, None, None], out, torch.zeros_like(out))  # no visible key -> exactly 0
 
+    def _attend_streaming(self, q, K, V, qpos, strict):
+        """StreamingLLM read: per query t, the sinks and the last `window` keys, rotated at their cache positions
+        (sinks at j, window keys at j - shift(t)) against the query at t - shift(t).  K is stored unrotated."""
+        st = self.streaming
+        rep = self.nh // self.nkv
+        out = q.new_zeros(q.shape)
+        for r, t in enumerate(qpos.tolist()):
+            js = [j for j in range(K.shape[0]) if st.visible(t, j, strict)]
+            if not js:
+                continue  # no visible key -> exactly 0
+            shift = st.shift(t)
+            kpos = torch.tensor([j if j < st.sink_tokens else j - shift for j in js])
+            k = self._rope(K[js], kpos).repeat_interleave(rep, dim=1)  # [n, nh, hd]
+            qr = self._rope(q[r:r + 1], torch.tensor([t - shift]))[0]  # [nh, hd]
+            probs = torch.softmax(torch.einsum("hd,khd->hk", qr, k) / math.sqrt(self.hd), -1)
+            out[r] = torch.einsum("hk,khd->hd", probs, V[js].repeat_interleave(rep, dim=1))
+        return out
+
     def _layer(self, i, h, pos, cache: _Cache, start: int):
         role = self.plan.roles[i]
         p = f"model.layers.{i}."
         x = self._norm(h, p + "input_layernorm.weight")
         n = h.shape[0]
-        q = self._rope(self._lin(x, p + "self_attn.q_proj.weight").view(n, self.nh, self.hd), pos)
+        # streaming: queries and keys stay unrotated here; the read rotates them at their cache positions
+        rope = (lambda x, _pos: x) if self.streaming else self._rope
+        q = rope(self._lin(x, p + "self_attn.q_proj.weight").view(n, self.nh, self.hd), pos)
         if role.computes_kv:
-            k = self._rope(self._lin(x, p + "self_attn.k_proj.weight").view(n, self.nkv, self.hd), pos)
+            k = rope(self._lin(x, p + "self_attn.k_proj.weight").view(n, self.nkv, self.hd), pos)
             v = self._lin(x, p + "self_attn.v_proj.weight").view(n, self.nkv, self.hd)
             cache.put(i, start, k, v)
         j = role.attends_to
@@ -136,7 +160,10 @@ class ReferenceModel:
         if K is None:  # the read layer has produced nothing yet (first token, top layer): nothing visible
             K = q.new_zeros(0, self.nkv, self.hd)
             V = K
-        a = self._attend(q, K, V, pos, role.strict, self.plan.window(i))
+        if self.streaming:
+            a = self._attend_streaming(q, K, V, pos, role.strict)
+        else:
+            a = self._attend(q, K, V, pos, role.strict, self.plan.window(i))
         h = h + self._lin(a.reshape(n, -1), p + "self_attn.o_proj.weight")
         return h + self._mlp(self._norm(h, p + "post_attention_layernorm.weight"), i)
 

@@ -46,9 +46,11 @@ from . import resume
 from . import vllm_patches as vp
 from .attention.base import AttentionPath
 from .attention.select import select_path
+from .attention.streaming import StreamingRead
 from ..plan import LayerPlan, Segment, plan_from_config
 from .prefill import IterativePrefill
 from ..settings import Settings, load_settings
+from ..streaming import rope_theta
 
 logger = logging.getLogger("lckv_vllm")
 
@@ -78,9 +80,13 @@ def _lckv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: t
             own.kv_capture[layer_name] = torch.cat([k[:t], v[:t]], -1)
         spec.path.write_kv(k[:t].view(t, spec.num_kv_heads, spec.head_dim),
                            v[:t].view(t, spec.num_kv_heads, spec.head_dim), layer.kv_cache, own.slot_mapping, own)
-    spec.path.attend(q[:t].view(t, spec.num_heads, spec.head_dim), layers[spec.read_name].kv_cache, step,
-                     scale=spec.scale, strict=spec.strict, window=spec.window,
-                     out=output[:t].view(t, spec.num_heads, spec.head_dim))
+    if spec.streaming is not None:  # sinks + window, keys rotated at their cache positions (attention/streaming.py)
+        spec.streaming.attend(q[:t].view(t, spec.num_heads, spec.head_dim), layers[spec.read_name].kv_cache, step,
+                              scale=spec.scale, strict=spec.strict, out=output[:t].view(t, spec.num_heads, spec.head_dim))
+    else:
+        spec.path.attend(q[:t].view(t, spec.num_heads, spec.head_dim), layers[spec.read_name].kv_cache, step,
+                         scale=spec.scale, strict=spec.strict, window=spec.window,
+                         out=output[:t].view(t, spec.num_heads, spec.head_dim))
     if t < output.shape[0]:
         output[t:] = 0
 
@@ -107,11 +113,13 @@ class _AttnSpec:
     num_kv_heads: int
     head_dim: int
     scale: float
+    streaming: StreamingRead | None = None  # StreamingLLM mode: the read that replaces `path.attend`
 
 
 class LCKVAttention(nn.Module):
     def __init__(self, config, plan: LayerPlan, layer_idx: int, vllm_config: VllmConfig, model_prefix: str,
-                 prefix: str, path: AttentionPath, windowed_pages: bool = True):
+                 prefix: str, path: AttentionPath, windowed_pages: bool = True,
+                 streaming: StreamingRead | None = None):
         super().__init__()
         role = plan.roles[layer_idx]
         self.role = role
@@ -185,21 +193,26 @@ class LCKVAttention(nn.Module):
             lckv_window=plan.window(layer_idx),
             lckv_path=path,
         )
+        if page_window is not None and plan.streaming is not None:
+            vp.use_sink_window_pages(self.attn, plan.streaming.sink_tokens)
         self.own_name = f"{prefix}.attn"
+        self.streaming = streaming
         self.attn.lckv = _AttnSpec(
             computes_kv=role.computes_kv, read_name=_attn_name(model_prefix, role.attends_to), strict=role.strict,
             window=plan.window(layer_idx), path=path, num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, scale=self.scaling,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, scale=self.scaling, streaming=streaming,
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.role.computes_kv:
             qkv, _ = self.qkv_proj(hidden_states)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q, k = self.rotary_emb(positions, q, k)
+            if self.streaming is None:  # streaming: keys are stored unrotated, rotated when read
+                q, k = self.rotary_emb(positions, q, k)
         else:
             q, _ = self.q_proj(hidden_states)
-            q, _ = self.rotary_emb(positions, q, None)
+            if self.streaming is None:
+                q, _ = self.rotary_emb(positions, q, None)
             k = v = q  # unused: this layer writes no K/V
         out = torch.empty_like(q)
         torch.ops.vllm.lckv_attention(q, k, v, out, self.own_name)
@@ -209,11 +222,11 @@ class LCKVAttention(nn.Module):
 
 class LCKVDecoderLayer(nn.Module):
     def __init__(self, config, plan: LayerPlan, layer_idx: int, vllm_config: VllmConfig, model_prefix: str,
-                 path: AttentionPath, windowed_pages: bool = True):
+                 path: AttentionPath, windowed_pages: bool = True, streaming: StreamingRead | None = None):
         super().__init__()
         prefix = f"{model_prefix}.layers.{layer_idx}"
         self.self_attn = LCKVAttention(config, plan, layer_idx, vllm_config, model_prefix, f"{prefix}.self_attn", path,
-                                       windowed_pages)
+                                       windowed_pages, streaming)
         self.mlp = LlamaMLP(
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
@@ -264,7 +277,11 @@ class LCKVModel(nn.Module):
         self.config = config
         self.plan = plan_from_config(config)
         self.settings: Settings = load_settings(config)
-        self.path = _select_path(self.settings, config, vllm_config)
+        self.path = _select_path(self.settings, config, vllm_config, streaming=self.plan.streaming is not None)
+        self.streaming = None
+        if self.plan.streaming is not None:
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            self.streaming = StreamingRead(self.plan.streaming, head_dim, rope_theta(config))
         # Pipeline parallelism: this stage's layers, cut only where no reader is separated from its producer
         # (plan.pipeline_stages); the other layers are placeholders without weights or pages.
         pp = get_pp_group()
@@ -279,7 +296,8 @@ class LCKVModel(nn.Module):
         else:
             self.embed_tokens = PPMissingLayer()
         self.layers = nn.ModuleList(
-            LCKVDecoderLayer(config, self.plan, i, vllm_config, prefix, self.path, self.settings.windowed_pages)
+            LCKVDecoderLayer(config, self.plan, i, vllm_config, prefix, self.path, self.settings.windowed_pages,
+                             self.streaming)
             if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )
@@ -367,14 +385,14 @@ class LCKVModel(nn.Module):
         return out
 
 
-def _select_path(settings: Settings, config, vllm_config: VllmConfig) -> AttentionPath:
+def _select_path(settings: Settings, config, vllm_config: VllmConfig, streaming: bool = False) -> AttentionPath:
     """The engine's attention path, from model-wide shapes only, so every layer (and the page format) agrees."""
     tp = get_tensor_model_parallel_world_size()
     num_heads = config.num_attention_heads // tp
     num_kv_heads = max(1, config.num_key_value_heads // tp)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return select_path(settings, vllm_config.device_config.device, head_dim, num_heads // num_kv_heads,
-                       vllm_config.model_config.dtype, vllm_config.cache_config.block_size)
+                       vllm_config.model_config.dtype, vllm_config.cache_config.block_size, streaming=streaming)
 
 
 class LCKVLlamaForCausalLM(nn.Module, SupportsPP):

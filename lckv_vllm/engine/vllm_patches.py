@@ -46,6 +46,14 @@ are the first things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTE
    skips that run in eager mode, so eager pipeline parallelism on CPU fails on its first step (also for vLLM's own
    Llama).  The wrapper allocates the buffer from the model's `make_empty_intermediate_tensors`, as the dummy run
    would.  Installed by the first LCKV model on a pipeline stage after the first, in its process only.
+10. Sink + window pages for StreamingLLM mode (`lckv_streaming`): vLLM has no KV spec that keeps a sequence's first
+   tokens *and* its last ones (its attention-sink work was never merged), so the plugin registers one through vLLM's
+   `KVCacheSpecRegistry`: `SinkWindowSpec` (a `SlidingWindowSpec` that also keeps `sink_tokens`) managed by
+   `SinkWindowManager` (vLLM's `SlidingWindowManager`, freeing only the blocks between the sink blocks and the
+   window, and never reporting a prefix-cache hit: a hit would need the sink blocks too, so prefix caching is off in
+   this mode, item 1).  Registered in every process by `register()` (the scheduler that runs the manager may live in
+   another process than the model).  A producer's `Attention.get_kv_cache_spec` is wrapped per instance
+   (`use_sink_window_pages`) to turn the sliding-window spec vLLM builds from the window into a `SinkWindowSpec`.
 """
 
 from __future__ import annotations
@@ -88,6 +96,10 @@ class LCKVConfigHook:
         except LayerPlanError as e:
             raise ValueError(f"invalid LCKV checkpoint config ({vllm_config.model_config.model}): {e}") from None
         settings = load_settings(hf_config)  # a bad LCKV_* value fails here, naming the variable
+        if plan.streaming is not None and vllm_config.cache_config.enable_prefix_caching:
+            # a cached prefix would have to bring its sink blocks along; the sink-window manager reports no hits
+            vllm_config.cache_config.enable_prefix_caching = False
+            logger.info("LCKV: %s: prefix caching off (item 10)", plan.streaming.describe())
         if not plan.is_cyclic or settings.chunked_prefill:
             if plan.is_cyclic:
                 logger.info(
@@ -331,3 +343,96 @@ def full_attention_cache_config(cache_config):
     cache_config = copy.copy(cache_config)
     cache_config.sliding_window = None
     return cache_config
+
+
+# ---- 10. sink + window pages ----------------------------------------------------------------------------------------
+_SINK_WINDOW: dict = {}
+
+
+def sink_window_classes():
+    """`SinkWindowSpec` and `SinkWindowManager`, defined on first use (vLLM's modules imported lazily)."""
+    if _SINK_WINDOW:
+        return _SINK_WINDOW["spec"], _SINK_WINDOW["manager"]
+    from dataclasses import dataclass
+
+    from vllm.utils.math_utils import cdiv
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    @dataclass(frozen=True, kw_only=True)
+    class SinkWindowSpec(SlidingWindowSpec):
+        """Sliding-window pages that also keep the first `sink_tokens` tokens of every sequence."""
+
+        sink_tokens: int = 0
+
+        def max_admission_blocks_per_request(self, max_in_flight_tokens: int, max_model_len: int) -> int:
+            window = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
+            return min(window + cdiv(self.sink_tokens, self.block_size), cdiv(max_model_len, self.block_size) + 1)
+
+        @property
+        def prefix_cacheable(self) -> bool:
+            return False
+
+        def is_uniform_with_collection(self, kv_cache_specs) -> bool:
+            return all(isinstance(s, SinkWindowSpec) and s.sliding_window == self.sliding_window
+                       and s.sink_tokens == self.sink_tokens for s in kv_cache_specs.values())
+
+    class SinkWindowManager(SlidingWindowManager):
+        """vLLM's sliding-window manager, except that the sink blocks at the start of a sequence are never freed."""
+
+        def __init__(self, kv_cache_spec, **kwargs) -> None:
+            super().__init__(kv_cache_spec, **kwargs)
+            self.sink_blocks = cdiv(kv_cache_spec.sink_tokens, self.block_size)
+
+        def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None) -> None:
+            skipped = self.get_num_skipped_tokens(processed_computed_tokens)
+            if skipped <= 0 or request_id not in self.req_to_blocks:
+                return
+            last = min(skipped // self.block_size, len(self.req_to_blocks[request_id]))
+            self._remove_blocks_in_range(request_id, self.sink_blocks, last)
+
+        @classmethod
+        def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args, **kwargs):
+            return tuple([] for _ in kv_cache_group_ids), 0
+
+    SinkWindowSpec.__qualname__ = SinkWindowSpec.__name__ = "SinkWindowSpec"
+    SinkWindowSpec.__module__ = __name__
+    SinkWindowManager.__module__ = __name__
+    _SINK_WINDOW.update(spec=SinkWindowSpec, manager=SinkWindowManager)
+    return SinkWindowSpec, SinkWindowManager
+
+
+def register_sink_window_pages() -> None:
+    """Item 10: register the spec and its manager (idempotent; vLLM's own specs first, or its lazy registration
+    would see a non-empty registry and skip them)."""
+    from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    spec, manager = sink_window_classes()
+    register_all_kvcache_specs(None)
+    KVCacheSpecRegistry.register(spec, manager, uniform_type_base_spec=spec)
+
+
+def use_sink_window_pages(attn, sink_tokens: int) -> None:
+    """Item 10: make a producer's `Attention` (built with the window as its sliding window) ask for sink + window
+    pages instead of vLLM's sliding-window pages."""
+    import dataclasses
+
+    spec_cls, _ = sink_window_classes()
+    original = attn.get_kv_cache_spec
+
+    def get_kv_cache_spec(vllm_config):
+        spec = original(vllm_config)
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
+        return spec_cls(**fields, sink_tokens=sink_tokens)
+
+    attn.get_kv_cache_spec = get_kv_cache_spec
+
+
+def __getattr__(name: str):
+    # `vllm_patches.SinkWindowSpec` resolves (and defines) the class: a spec pickled in a worker process unpickles
+    # in the scheduler's by this name
+    if name in ("SinkWindowSpec", "SinkWindowManager"):
+        spec, manager = sink_window_classes()
+        return spec if name == "SinkWindowSpec" else manager
+    raise AttributeError(name)

@@ -7,7 +7,9 @@
 * `torch`: the portable gather + SDPA path.
 Every layer of a model gets the same path (the page format, hence the vLLM backend class, is engine-wide).  `auto`
 falls back to torch for shapes the preferred kernels do not cover, with a log line; an explicit `cpu`/`triton` for
-such a shape is an error raised here, at start-up, rather than at the first request.
+such a shape is an error raised here, at start-up, rather than at the first request.  StreamingLLM mode
+(`lckv_streaming`) needs the plain page format (its reads rotate stored keys, `streaming.py`): `auto` on CPU takes
+the torch path, and an explicit `cpu` is an error.
 """
 
 from __future__ import annotations
@@ -46,11 +48,14 @@ def preferred(choice: str, device: torch.device | str | None) -> str:
 
 
 def select_path(settings: Settings, device: torch.device | str | None, head_size: int, num_queries_per_kv: int,
-                dtype: torch.dtype | None = None, block_size: int | None = None) -> AttentionPath:
+                dtype: torch.dtype | None = None, block_size: int | None = None,
+                streaming: bool = False) -> AttentionPath:
     """The path a model's layers use for their whole life."""
     name = preferred(settings.attention_impl, device)
     problem = None
-    if name == "cpu":
+    if name == "cpu" and streaming:
+        problem = "lckv_streaming (keys rotated when read need the plain page format)"
+    elif name == "cpu":
         from . import cpu
 
         if device is not None and torch.device(device).type != "cpu":
