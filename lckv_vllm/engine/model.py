@@ -351,18 +351,40 @@ class LCKVModel(nn.Module):
         if self.exact_recompute and step is not None:
             parts = resume.plan_step(step, self.plan)
         record = self.prefill.begin_step(step) if step is not None else None
+        connector = vp.kv_connector() if step is not None else None
+        waited: set[int] = set()
         for seg, run in zip(self.local_segments, self._segments):
+            if connector is not None:
+                self._wait_for_kv(connector, seg, waited)
             if not seg.cyclic or step is None:
                 hidden = run(positions, hidden)
             elif parts is not None:
                 hidden = self._run_parts(seg, run, positions, hidden, parts, record)
             else:
                 hidden = self.prefill.run_segment(seg, run, positions, hidden, step, record)
+            if connector is not None:
+                self._save_kv(connector, seg)
         if record is not None:
             self.prefill.finish_step(step, record)
         if not self.is_last_stage:
             return IntermediateTensors({"hidden_states": hidden})
         return self.norm(hidden)
+
+    def _wait_for_kv(self, connector, seg, waited: set) -> None:
+        """KV transfer (vllm_patches item 11): before a segment runs, the producers its layers read must be loaded."""
+        for i in seg.layers:
+            p = self.plan.roles[i].attends_to
+            if p not in waited:
+                waited.add(p)
+                connector.wait_for_layer_load(self.layers[p].self_attn.attn.layer_name)
+
+    def _save_kv(self, connector, seg) -> None:
+        """KV transfer: a segment's producers are final once it has run (after its last pass): save each once.
+        Consumers own no pages, so nothing else is ever saved."""
+        for p in seg.layers:
+            if self.plan.roles[p].computes_kv:
+                attn = self.layers[p].self_attn.attn
+                connector.save_kv_layer(attn.layer_name, attn.kv_cache, vp.step_metadata(attn.layer_name))
 
     def _zero_producer_slots(self, seg, step) -> None:
         """The starting point of an iterative encoding: this step's K/V of the segment's producers are zeros.

@@ -54,6 +54,9 @@ are the first things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTE
    this mode, item 1).  Registered in every process by `register()` (the scheduler that runs the manager may live in
    another process than the model).  A producer's `Attention.get_kv_cache_spec` is wrapped per instance
    (`use_sink_window_pages`) to turn the sliding-window spec vLLM builds from the window into a `SinkWindowSpec`.
+11. The KV connector's per-layer hooks (`kv_connector`): vLLM calls `wait_for_layer_load` / `save_kv_layer` from
+   its own attention op, which the plugin's op replaces, so the model calls them itself, per producer and per
+   segment (`LCKVModel._save_kv`), through the process-global connector vLLM keeps (`get_kv_transfer_group`).
 """
 
 from __future__ import annotations
@@ -343,6 +346,18 @@ def full_attention_cache_config(cache_config):
     cache_config = copy.copy(cache_config)
     cache_config.sliding_window = None
     return cache_config
+
+
+# ---- 11. KV connector hooks -----------------------------------------------------------------------------------------
+def kv_connector():
+    """Item 11: the active KV connector of this step (None without one, or outside a step with connector
+    metadata)."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group, is_v1_kv_transfer_group
+
+    if not has_kv_transfer_group() or not is_v1_kv_transfer_group():
+        return None
+    connector = get_kv_transfer_group()
+    return connector if connector.has_connector_metadata() else None
 
 
 # ---- 10. sink + window pages ----------------------------------------------------------------------------------------
