@@ -9,7 +9,7 @@ are the first things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTE
    prefix-cache reuse): beyond m+b tokens the iterative encoding of a checkpoint that does not converge depends on
    how a prompt is split into steps (docs/semantics.md).  The default leaves chunked prefill and prefix caching as
    vLLM configures them: a trained checkpoint converges, and chunked encoding then equals whole-prompt encoding.
-   The same hook sets `VLLM_CPU_OMP_THREADS_BIND` for several CPU workers (tensor/pipeline parallel) when the user
+   In StreamingLLM mode it turns prefix caching off (item 10).  The same hook sets `VLLM_CPU_OMP_THREADS_BIND` for several CPU workers (tensor/pipeline parallel) when the user
    has not: vLLM's "auto" binding wants one NUMA node per worker and refuses otherwise ("Not enough allowed NUMA
    nodes"), while an explicit split of the allowed cores ("0|1" on two cores) serves correctly.  Workers are spawned
    after the hook and inherit the variable.
