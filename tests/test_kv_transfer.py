@@ -115,3 +115,22 @@ def test_mismatched_model_refused_and_missing_transfer_prefilled_locally(runs, m
     local = runs["local"]
     assert local["scheduler"]["local_prefills"] == 1 and local["worker"]["loaded_tokens"] == 0
     assert local["outputs"][0][0] == ReferenceModel(model_dir("tiny-w2")).generate(local["prompt"], GEN)[0]
+
+
+def test_setups_the_connector_cannot_serve_are_refused():
+    from types import SimpleNamespace
+
+    from lckv_vllm.engine.connector import KVTransferConfigError, check_setup
+
+    hf = SimpleNamespace(num_hidden_layers=3, lckv_layer_types="0_2_2", max_position_embeddings=256)
+    cfg = lambda tp=1, **extra: SimpleNamespace(  # noqa: E731
+        parallel_config=SimpleNamespace(tensor_parallel_size=tp),
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(**vars(hf), **extra)))
+    one_group = SimpleNamespace(kv_cache_groups=[object()])
+    check_setup(cfg(), one_group)  # servable
+    with pytest.raises(KVTransferConfigError, match="kv_transfer_config: .* 2 tensor-parallel ranks"):
+        check_setup(cfg(tp=2), one_group)
+    with pytest.raises(KVTransferConfigError, match="one KV-cache group, this model has 2 .*LCKV_WINDOWED_PAGES=0"):
+        check_setup(cfg(), SimpleNamespace(kv_cache_groups=[object(), object()]))
+    with pytest.raises(KVTransferConfigError, match="lckv_streaming"):
+        check_setup(cfg(lckv_streaming={"sink_tokens": 4, "window": 16}), one_group)

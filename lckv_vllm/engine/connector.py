@@ -55,24 +55,27 @@ def _manifest_of(vllm_config, kv_cache_config) -> dict:
     return m
 
 
+def check_setup(vllm_config, kv_cache_config) -> None:
+    """What this connector cannot serve, refused before anything is written (errors name the setting)."""
+    where = "kv_transfer_config"
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    if tp > 1:
+        raise KVTransferConfigError(
+            f"{where}: LCKVStorageConnector writes one file per layer, which {tp} tensor-parallel ranks would "
+            f"overwrite: use tensor_parallel_size 1 with it (GPU connectors such as NixlConnector transfer per rank)")
+    if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) > 1:
+        raise KVTransferConfigError(
+            f"{where}: LCKVStorageConnector moves one KV-cache group, this model has "
+            f"{len(kv_cache_config.kv_cache_groups)} (windowed pages: set LCKV_WINDOWED_PAGES=0)")
+    if plan_from_config(vllm_config.model_config.hf_config).streaming is not None:
+        raise KVTransferConfigError(f"{where}: LCKVStorageConnector does not move streaming (lckv_streaming) pages: "
+                                    f"their middle blocks are freed")
+
+
 class LCKVStorageConnector(ExampleConnector):
     def __init__(self, vllm_config, role, kv_cache_config=None):
+        check_setup(vllm_config, kv_cache_config)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        where = "kv_transfer_config"
-        tp = vllm_config.parallel_config.tensor_parallel_size
-        if tp > 1:
-            raise KVTransferConfigError(
-                f"{where}: LCKVStorageConnector writes one file per layer, which {tp} tensor-parallel ranks would "
-                f"overwrite: use tensor_parallel_size 1 with it (GPU connectors such as NixlConnector transfer "
-                f"per rank)")
-        if kv_cache_config is not None and len(kv_cache_config.kv_cache_groups) > 1:
-            raise KVTransferConfigError(
-                f"{where}: LCKVStorageConnector moves one KV-cache group, this model has "
-                f"{len(kv_cache_config.kv_cache_groups)} (windowed pages: set LCKV_WINDOWED_PAGES=0)")
-        plan = plan_from_config(vllm_config.model_config.hf_config)
-        if plan.streaming is not None:
-            raise KVTransferConfigError(f"{where}: LCKVStorageConnector does not move streaming (lckv_streaming) "
-                                        f"pages: their middle blocks are freed")
         self.manifest = _manifest_of(vllm_config, kv_cache_config)
         self.stats = {"saved_layers": 0, "saved_bytes": 0, "saved_tokens": 0, "loaded_layers": 0,
                       "loaded_bytes": 0, "loaded_tokens": 0, "refused": 0, "local_prefills": 0, "save_s": 0.0,
@@ -82,8 +85,8 @@ class LCKVStorageConnector(ExampleConnector):
         if found is not None and self._kv_transfer_config.kv_role == "kv_consumer":
             problem = self._mismatch(found)
             if problem:
-                raise KVTransferConfigError(f"{where}: the KV in {self._storage_path} was saved by another model: "
-                                            f"{problem}")
+                raise KVTransferConfigError(
+                    f"kv_transfer_config: the KV in {self._storage_path} was saved by another model: {problem}")
 
     # ---- the manifest -------------------------------------------------------------------------------------------
     def _stored_manifest(self) -> dict | None:
