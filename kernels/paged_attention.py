@@ -24,6 +24,7 @@ have been imported earlier (see the note on `_MAX` below).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -70,6 +71,8 @@ def _paged_attention_kernel(
     stride_ot,
     stride_oh,
     stride_bt,
+    sinks,  # STREAMING: sink tokens S (positions < S stay visible)
+    log2_theta,  # STREAMING: log2 of the RoPE base (keys and queries are rotated here, at their cache positions)
     NUM_Q_PER_KV: tl.constexpr,  # query heads per KV head (GQA group)
     HEAD_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_SIZE; padded lanes are masked to 0
@@ -82,6 +85,7 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no TF32 rounding), "tf32" (= default) otherwise
     UPCAST_DOT: tl.constexpr,  # feed tl.dot fp32 copies of the (already rounded) operands; see _UPCAST_BF16_DOT
+    STREAMING: tl.constexpr = False,  # StreamingLLM reads: sinks + `window`, unrotated pages rotated per tile
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_G
     q_block = tl.program_id(0)
@@ -127,6 +131,12 @@ def _paged_attention_kernel(
     hi = context + last_q + 1
     if STRICT:
         hi -= 1
+    if STREAMING:
+        _streaming_tile(q, q_ptr, kv_ptr, out_ptr, token, head, pos, row_valid, d, d_valid, tok0, q_len, context,
+                        seq_len, seq, kv_head, hi, sinks, window, log2_theta, scale_log2, block_table_ptr,
+                        stride_qt, stride_qh, stride_slot, stride_kvh, stride_ot, stride_oh, stride_bt,
+                        HEAD_SIZE, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_SIZE, STRICT, DOT_PRECISION)
+        return
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(context + tok0 - window + 1, 0)
@@ -185,6 +195,90 @@ def _paged_attention_kernel(
         lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("-inf"))
         lse_ptrs = lse_ptr + (split.to(tl.int64) * num_tokens + token) * num_heads + head
         tl.store(lse_ptrs, lse, mask=row_valid)
+
+
+@triton.jit
+def _rotate(x, x_swapped, sign, angle):
+    """Neox RoPE of rows/columns `x` at `angle` (same shape): x * cos + rotate_half(x) * sin, where
+    rotate_half(x) = sign * x_swapped (the other half of the head, the first half negated)."""
+    return x * tl.cos(angle) + sign * x_swapped * tl.sin(angle)
+
+
+@triton.jit
+def _streaming_tile(q, q_ptr, kv_ptr, out_ptr, token, head, pos, row_valid, d, d_valid, tok0, q_len, context,
+                    seq_len, seq, kv_head, hi, sinks, window, log2_theta, scale_log2, block_table_ptr,
+                    stride_qt, stride_qh, stride_slot, stride_kvh, stride_ot, stride_oh, stride_bt,
+                    HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, STRICT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """StreamingLLM reads for one tile of queries (docs/semantics.md, section 5; torch twin:
+    `lckv_vllm/engine/attention/streaming.py`).  The pages hold unrotated keys.  Two key ranges: the sinks
+    [0, min(S, hi)) and the window [max(S, first query - W + 1), hi).  With span = S + W, a query at t is rotated at
+    t - shift(t) against sinks (shift(t) = max(0, t - span + 1)) and at t - c against window keys, which are rotated
+    at j - c, c = the sequence's last query's shift: window scores depend on t - j only.  Angles stay below
+    span + the chunk, so fp32 keeps them exact enough however long the stream."""
+    HALF: tl.constexpr = HEAD_SIZE // 2
+    fi = (d % HALF).to(tl.float32)
+    inv_freq = tl.exp2(-(2.0 * fi / HEAD_SIZE) * log2_theta)  # theta ** (-2 i / head_size), lane i of each half
+    d_swap = tl.where(d < HALF, d + HALF, d - HALF)
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    q_swap = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d_swap[None, :],
+                     mask=row_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+    qf = q.to(tl.float32)
+    span = sinks + window
+    c = tl.maximum(seq_len - span, 0)
+    shift = tl.maximum(pos - (span - 1), 0)
+    q_sink = _rotate(qf, q_swap, sign[None, :], (pos - shift).to(tl.float32)[:, None] * inv_freq[None, :])
+    q_win = _rotate(qf, q_swap, sign[None, :], (pos - c).to(tl.float32)[:, None] * inv_freq[None, :])
+    q_sink = q_sink.to(q.dtype)
+    q_win = q_win.to(q.dtype)
+
+    sink_hi = tl.minimum(sinks, hi)
+    win_lo = tl.maximum(sinks, context + tok0 - window + 1)
+    n_sink = tl.where(tok0 < q_len, tl.maximum(sink_hi, 0) + BLOCK_N - 1, 0) // BLOCK_N
+    n_win = tl.where(tok0 < q_len, tl.maximum(hi - win_lo, 0) + BLOCK_N - 1, 0) // BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    kv_base = kv_ptr + kv_head.to(tl.int64) * stride_kvh
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    for it in range(0, n_sink + n_win):
+        in_sink = it < n_sink
+        start = tl.where(in_sink, it * BLOCK_N, win_lo + (it - n_sink) * BLOCK_N)
+        end = tl.where(in_sink, sink_hi, hi)
+        base = tl.where(in_sink, 0, c)
+        kpos = start + tl.arange(0, BLOCK_N)
+        k_valid = kpos < end
+        block = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_valid, other=0)
+        slot = block.to(tl.int64) * BLOCK_SIZE + kpos % BLOCK_SIZE
+        kmask = k_valid[None, :] & d_valid[:, None]
+        k = tl.load(kv_base + slot[None, :] * stride_slot + d[:, None], mask=kmask, other=0.0).to(tl.float32)
+        k_swap = tl.load(kv_base + slot[None, :] * stride_slot + d_swap[:, None], mask=kmask, other=0.0)
+        k = _rotate(k, k_swap.to(tl.float32), sign[:, None], (kpos - base).to(tl.float32)[None, :] * inv_freq[:, None])
+        q_use = tl.where(in_sink, q_sink, q_win)
+        s = tl.dot(q_use, k.to(q_use.dtype), input_precision=DOT_PRECISION) * scale_log2
+        if STRICT:
+            visible = kpos[None, :] < pos[:, None]
+        else:
+            visible = kpos[None, :] <= pos[:, None]
+        visible &= (kpos[None, :] < sinks) | (kpos[None, :] > pos[:, None] - window)
+        visible &= k_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        v = tl.load(kv_base + slot[:, None] * stride_slot + HEAD_SIZE + d[None, :],
+                    mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(q_use.dtype), v.to(q_use.dtype), acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    has_key = l_i > 0.0
+    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    o = tl.where(has_key[:, None], o, 0.0)
+    o_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
 
 
 @triton.jit
@@ -257,6 +351,7 @@ def paged_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
+    streaming: tuple[int, int, float] | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries `q` `[num_tokens, num_heads, head_size]` over the paged K/V in `kv_slots`
     `[num_slots, num_kv_heads, 2 * head_size]`.  Returns `out` `[num_tokens, num_heads, head_size]` (q's dtype).
@@ -264,7 +359,8 @@ def paged_attention(
     `query_start_loc` [num_seqs + 1], `seq_lens` [num_seqs], `block_table` [num_seqs, max_blocks] live on q's device.
     `max_query_len` / `max_seq_len` are host-side bounds (vLLM's metadata carries them); they only pick tile sizes
     and the split count, so passing None costs a device sync to compute them.  `num_splits` (None = heuristic) and
-    `block_n` override the launch configuration, for tests and benchmarks.
+    `block_n` override the launch configuration, for tests and benchmarks.  `streaming` = (sink tokens, window, RoPE
+    base): StreamingLLM reads over pages of unrotated keys (docs/semantics.md, section 5; `window` must be None).
     """
     num_tokens, num_heads, head_size = q.shape
     num_kv_heads = kv_slots.shape[1]
@@ -280,6 +376,15 @@ def paged_attention(
         raise ValueError(f"{group} query heads per KV head; the Triton path supports up to {MAX_QUERIES_PER_KV}")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if streaming is not None:
+        if window is not None or head_size % 2:
+            raise ValueError("streaming reads take their window from `streaming` and need an even head size")
+        sinks, window, theta = int(streaming[0]), int(streaming[1]), float(streaming[2])
+        if sinks < 0 or window < 1:
+            raise ValueError(f"streaming: sink tokens {sinks} must be >= 0 and window {window} >= 1")
+        num_splits = 1  # one key range per tile: the decode split is not implemented for the two ranges
+    else:
+        sinks, theta = 0, 1.0
     if q.stride(-1) != 1:
         q = q.contiguous()
     if out is None:
@@ -324,6 +429,8 @@ def paged_attention(
         kv_slots.stride(0), kv_slots.stride(1),
         stride_os, stride_ot, stride_oh,
         block_table.stride(0),
+        sinks,
+        math.log2(theta),
         NUM_Q_PER_KV=group,
         HEAD_SIZE=head_size,
         BLOCK_D=block_d,
@@ -332,10 +439,11 @@ def paged_attention(
         BLOCK_N=block_n,
         BLOCK_SIZE=int(block_size),
         STRICT=bool(strict),
-        USE_WINDOW=window is not None,
+        USE_WINDOW=window is not None and streaming is None,
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if (q.dtype == torch.float32 or upcast) else "tf32",
         UPCAST_DOT=upcast,
+        STREAMING=streaming is not None,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](

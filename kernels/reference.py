@@ -74,3 +74,41 @@ def paged_attention_ref(
             probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key: softmax of all -inf is NaN -> 0
             out[q0:q1, h] = probs @ v[:, kh]
     return out
+
+
+def rope_ref(x: torch.Tensor, position: float, theta: float) -> torch.Tensor:
+    """Neox RoPE of one vector `x` [D] (float64) at `position`: halves rotated pairwise by position * theta^(-2i/D)."""
+    d = x.shape[-1]
+    half = d // 2
+    ang = position * theta ** (-2.0 * torch.arange(half, dtype=torch.float64) / d)
+    x1, x2 = x[:half], x[half:]
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()])
+
+
+def streaming_attention_ref(q, kv_slots, query_start_loc, seq_lens, block_table, block_size: int, scale: float,
+                            strict: bool, sinks: int, window: int, theta: float) -> torch.Tensor:
+    """StreamingLLM reads (docs/semantics.md, section 5), query by query and key by key, in float64: the pages hold
+    unrotated keys; query t sees key j iff j <= t (j < t when strict) and (j < sinks or j > t - window); with
+    shift = max(0, t - (sinks + window - 1)), the query is rotated at t - shift, a sink key at j, a window key at
+    j - shift.  A query that sees no key outputs 0."""
+    num_tokens, num_heads, d = q.shape
+    group = num_heads // kv_slots.shape[1]
+    out = torch.zeros(num_tokens, num_heads, d, dtype=torch.float64)
+    qsl = query_start_loc.tolist()
+    for s, seq_len in enumerate(seq_lens.tolist()):
+        q0, q1 = qsl[s], qsl[s + 1]
+        for i in range(q1 - q0):
+            t = seq_len - (q1 - q0) + i
+            shift = max(0, t - (sinks + window - 1))
+            js = [j for j in range(seq_len) if (j < t if strict else j <= t) and (j < sinks or j > t - window)]
+            if not js:
+                continue
+            slots = [int(block_table[s, j // block_size]) * block_size + j % block_size for j in js]
+            kv = kv_slots[torch.tensor(slots, dtype=torch.long)].to(torch.float64).cpu()
+            for h in range(num_heads):
+                qr = rope_ref(q[q0 + i, h].to(torch.float64).cpu(), t - shift, theta)
+                ks = torch.stack([rope_ref(kv[n, h // group, :d], j if j < sinks else j - shift, theta)
+                                  for n, j in enumerate(js)])
+                probs = torch.softmax((ks @ qr) * scale, 0)
+                out[q0 + i, h] = probs @ kv[:, h // group, d:]
+    return out

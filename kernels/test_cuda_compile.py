@@ -16,21 +16,22 @@ import pytest
 _PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
-def _attention(dt, head_size, group, strict, window, splits, block_q, block_n, block_size):
+def _attention(dt, head_size, group, strict, window, splits, block_q, block_n, block_size, streaming=False):
     import triton
 
     from lckv_vllm.kernels import paged_attention as pa
 
     fn = pa._paged_attention_kernel
     sig = dict(q_ptr=_PTR[dt], kv_ptr=_PTR[dt], out_ptr="*fp32" if splits > 1 else _PTR[dt], lse_ptr="*fp32",
-               query_start_loc_ptr="*i32", seq_lens_ptr="*i32", block_table_ptr="*i32", scale_log2="fp32")
+               query_start_loc_ptr="*i32", seq_lens_ptr="*i32", block_table_ptr="*i32", scale_log2="fp32",
+               sinks="i32", log2_theta="fp32")
     for name in ("num_seqs", "num_tokens", "num_heads", "window", "stride_qt", "stride_qh", "stride_slot",
                  "stride_kvh", "stride_os", "stride_ot", "stride_oh", "stride_bt"):
         sig[name] = "i32"
     const = dict(NUM_Q_PER_KV=group, HEAD_SIZE=head_size, BLOCK_D=triton.next_power_of_2(head_size),
                  BLOCK_G=triton.next_power_of_2(group), BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=block_size,
                  STRICT=strict, USE_WINDOW=window, NUM_SPLITS=splits,
-                 DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False)
+                 DOT_PRECISION="ieee" if dt == "fp32" else "tf32", UPCAST_DOT=False, STREAMING=streaming)
     return fn, sig, const
 
 
@@ -82,6 +83,8 @@ def compile_all() -> None:
         _attention("fp32", 64, 1, True, True, 1, 16, 64, 16),  # IEEE fp32 dots
         _attention("bf16", 96, 8, True, False, 4, 2, 32, 16),  # split-KV decode
         _attention("fp16", 32, 2, False, False, 8, 8, 64, 128),
+        _attention("bf16", 128, 4, True, False, 1, 16, 32, 16, streaming=True),  # StreamingLLM prefill tile
+        _attention("fp16", 80, 3, False, False, 1, 8, 64, 16, streaming=True),  # StreamingLLM decode, padded head
         _combine("bf16", 128, 4),
         _combine("fp32", 80, 7),
         _write("bf16", 128, 8),
@@ -110,7 +113,7 @@ def test_kernels_compile_for_cuda():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    assert r.stdout.count(": ok") == 20
+    assert r.stdout.count(": ok") == 24
 
 
 if __name__ == "__main__":

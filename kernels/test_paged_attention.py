@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lckv_vllm.kernels.paged_attention import paged_attention
-from lckv_vllm.kernels.reference import paged_attention_ref
+from lckv_vllm.kernels.reference import paged_attention_ref, streaming_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Max |kernel - float64 reference| on outputs of magnitude ~1.  fp32: exact-ish (fp32 accumulation, IEEE dots);
@@ -152,3 +152,41 @@ def test_default_launch_configuration():
 def test_strict_position_zero_alone():
     """A batch of only first tokens under strict: nothing to see, output exactly 0 (not NaN, not uniform)."""
     check([(0, 1), (0, 1)], group=2, strict=True, seed=4)
+
+
+# ---- StreamingLLM reads: sinks + window over unrotated keys, rotated in the kernel ----------------------------------
+STREAM_MIXED = [(0, 1), (0, 7), (13, 5), (30, 1), (16, 16), (0, 19), (41, 3), (70, 2)]
+
+
+def check_streaming(ctx_q, *, sinks, window, num_kv_heads=2, group=2, head_size=32, dtype=torch.float32, block_size=8,
+                    strict=False, block_n=16, theta=10000.0, seed=0):
+    q, kv, qsl, seq_lens, bt = make_batch(ctx_q, num_kv_heads, group, head_size, dtype, block_size, seed)
+    # the pages between the sinks and the first query's window were freed: poison them
+    for s, (c, _) in enumerate(ctx_q):
+        for p in range(sinks, max(sinks, c - window + 1)):
+            kv[int(bt[s, p // block_size]) * block_size + p % block_size] = float("nan")
+    scale = head_size ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    on = lambda x: x.to(DEVICE)  # noqa: E731
+    got = paged_attention(
+        on(q), on(kv), query_start_loc=on(qsl), seq_lens=on(seq_lens), block_table=on(bt), block_size=block_size,
+        scale=scale, strict=strict, max_query_len=max(n for _, n in ctx_q), max_seq_len=int(seq_lens.max()),
+        out=out, block_n=block_n, streaming=(sinks, window, theta))
+    ref = streaming_attention_ref(q, kv, qsl, seq_lens, bt, block_size, scale, strict, sinks, window, theta)
+    got = got.cpu().to(torch.float64)
+    assert not got.isnan().any(), "NaN in the output: a row was not written or a freed slot was read"
+    err = (got - ref).abs().max().item()
+    assert err <= TOLERANCE[dtype] * 5, f"max |err| {err:.3g} ({dtype})"  # + the rotation in fp32
+    return err
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["causal", "strict"])
+@pytest.mark.parametrize("sinks,window", [(3, 10), (0, 6), (4, 1), (16, 20)])
+def test_streaming_reads(strict, sinks, window):
+    check_streaming(STREAM_MIXED, sinks=sinks, window=window, strict=strict, seed=sinks + window + strict)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_streaming_reads_half_precision_gqa_head_64(dtype):
+    check_streaming(STREAM_MIXED, sinks=4, window=12, num_kv_heads=1, group=4, head_size=64, dtype=dtype,
+                    strict=True, block_size=16, theta=500000.0, seed=7)

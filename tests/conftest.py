@@ -125,3 +125,32 @@ def generate_staggered(llm, arrivals, max_tokens=16):
         step += 1
         assert step < 10_000
     return [done[i] for i in range(len(arrivals))]
+
+
+def stream_watching_blocks(llm, prompt, n_gen: int, check=None):
+    """One request generating `n_gen` tokens (greedy, ignore_eos), stepped by hand; after every step each KV-cache
+    group's blocks held by the request are counted (and handed to `check(group, blocks)` when given).
+
+    Returns (the finished output, most blocks held per group, most preemptions seen)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    eng = llm.llm_engine
+    sched = eng.engine_core.engine_core.scheduler
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    eng.add_request("stream-0", TokensPrompt(prompt_token_ids=prompt),
+                    SamplingParams(max_tokens=n_gen, temperature=0, ignore_eos=True))
+    most, finished, steps, preemptions = [0] * len(managers), None, 0, 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                finished = out
+        steps += 1
+        assert steps < 2 * n_gen
+        preemptions = max([preemptions] + [r.num_preemptions for r in sched.requests.values()])
+        for g, m in enumerate(managers):
+            for blocks in m.req_to_blocks.values():
+                most[g] = max(most[g], sum(not b.is_null for b in blocks))
+                if check is not None:
+                    check(g, blocks)
+    return finished, most, preemptions

@@ -14,7 +14,7 @@ import math
 
 import pytest
 
-from conftest import BLOCK_SIZE, generate, random_prompt
+from conftest import BLOCK_SIZE, generate, random_prompt, stream_watching_blocks
 from lckv_vllm.plan import LayerPlan, LayerPlanError, plan_from_config
 from lckv_vllm.reference import ReferenceModel
 from lckv_vllm.streaming import Streaming, StreamingError, parse
@@ -148,30 +148,16 @@ def test_streaming_chunked_prefill_matches_chunk_by_chunk_reference(engine, stre
 def test_streaming_sequence_holds_sinks_and_a_window_of_blocks(engine, stream_dirs):
     """A sequence streaming 10x the window: every group holds at most ceil(S/block) + ceil(W/block) + 1 blocks after
     every step, nothing is preempted, and the generated tokens equal the reference's."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     path = stream_dirs["w2"]
     llm = engine(str(path))
     sched = llm.llm_engine.engine_core.engine_core.scheduler
-    managers = sched.kv_cache_manager.coordinator.single_type_managers
     bound = math.ceil(SINKS / BLOCK_SIZE) + math.ceil(WINDOW / BLOCK_SIZE) + 1
     prompt, n_gen = random_prompt(10, seed=9), 10 * WINDOW
-    eng = llm.llm_engine
-    eng.add_request("stream-0", TokensPrompt(prompt_token_ids=prompt),
-                    SamplingParams(max_tokens=n_gen, temperature=0, ignore_eos=True, logprobs=0))
-    most, finished, steps, preemptions = [0] * len(managers), None, 0, 0
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.finished:
-                finished = out
-        steps += 1
-        preemptions = max([preemptions] + [r.num_preemptions for r in sched.requests.values()])
-        assert steps < 2 * n_gen
-        for g, m in enumerate(managers):
-            for blocks in m.req_to_blocks.values():
-                most[g] = max(most[g], sum(not b.is_null for b in blocks))
-                assert not blocks[0].is_null  # the sink block is never freed
+
+    def sink_kept(group, blocks):
+        assert not blocks[0].is_null  # the sink block is never freed
+
+    finished, most, preemptions = stream_watching_blocks(llm, prompt, n_gen, sink_kept)
     assert all(1 <= held <= bound for held in most), (most, bound)
     assert preemptions == 0
     toks = list(finished.outputs[0].token_ids)

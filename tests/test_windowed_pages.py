@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from conftest import BLOCK_SIZE, generate, random_prompt
+from conftest import BLOCK_SIZE, generate, random_prompt, stream_watching_blocks
 from lckv_vllm.plan import LayerPlan
 from lckv_vllm.reference import ReferenceModel
 from lckv_vllm.tools.checkpoint import make_preset
@@ -93,33 +93,12 @@ def test_windowed_pages_match_reference_and_full_pages(engine, plan_dirs, name):
 def test_streaming_sequence_holds_a_window_of_blocks(engine, plan_dirs, name):
     """A sequence streaming 40x the window: each sliding-window group holds at most ceil((W - 1) / block) + 1 blocks
     after every step, the full-attention groups grow with the sequence, and nothing is preempted."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
     llm = engine(str(plan_dirs[name]))
     sched = _scheduler(llm)
-    managers = sched.kv_cache_manager.coordinator.single_type_managers
     kinds = [type(g.kv_cache_spec).__name__ for g in sched.kv_cache_config.kv_cache_groups]
     bound = math.ceil((WINDOW - 1) / BLOCK_SIZE) + 1
-    eng = llm.llm_engine
     n_prompt, n_gen = 20, 40 * WINDOW
-    eng.add_request("stream-0", TokensPrompt(prompt_token_ids=random_prompt(n_prompt, seed=7)),
-                    SamplingParams(max_tokens=n_gen, temperature=0, ignore_eos=True))
-    most = [0] * len(kinds)
-    preemptions = 0
-    steps = 0
-    finished = None
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.finished:
-                finished = out
-        steps += 1
-        preemptions = max([preemptions] + [r.num_preemptions for r in sched.requests.values()])
-        for g, m in enumerate(managers):
-            held = [sum(not b.is_null for b in blocks) for blocks in m.req_to_blocks.values()]
-            if held:
-                most[g] = max(most[g], max(held))
-        assert steps < 2 * n_gen
+    finished, most, preemptions = stream_watching_blocks(llm, random_prompt(n_prompt, seed=7), n_gen)
     assert finished is not None and len(finished.outputs[0].token_ids) == n_gen
     assert finished.num_cached_tokens in (0, None)
     for kind, held in zip(kinds, most):

@@ -281,7 +281,7 @@ class LCKVModel(nn.Module):
         self.streaming = None
         if self.plan.streaming is not None:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            self.streaming = StreamingRead(self.plan.streaming, head_dim, rope_theta(config))
+            self.streaming = StreamingRead(self.plan.streaming, head_dim, rope_theta(config), self.path)
         # Pipeline parallelism: this stage's layers, cut only where no reader is separated from its producer
         # (plan.pipeline_stages); the other layers are placeholders without weights or pages.
         pp = get_pp_group()

@@ -16,6 +16,10 @@ float64 from the model's RoPE frequencies; none exceeds S + W + the step's query
 
 Consecutive layers reading the same producer share one gathered, rotated copy while no pages changed
 (`LCKVStep.kv_version`), as in the torch path.
+
+On the Triton path the same reads run in the paged-attention kernel (`lckv_vllm.kernels.paged_attention`,
+`streaming=`): it walks the sink range and the window range of each tile and rotates queries and key tiles in
+registers, with the same positions as here.
 """
 
 from __future__ import annotations
@@ -31,12 +35,17 @@ from .step import LCKVStep
 class StreamingRead:
     """The read of every layer of a streaming engine (one object per engine)."""
 
-    def __init__(self, streaming: Streaming, head_dim: int, rope_theta: float):
+    def __init__(self, streaming: Streaming, head_dim: int, rope_theta: float, path=None):
         self.s = streaming
         self.head_dim = head_dim
+        self.theta = rope_theta
+        self.kernel_path = path if getattr(path, "name", None) == "triton" else None
         self.inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
     def attend(self, q, kv_cache, step: LCKVStep, *, scale: float, strict: bool, out: torch.Tensor) -> torch.Tensor:
+        if self.kernel_path is not None:
+            return self.kernel_path.attend_streaming(q, kv_cache, step, scale=scale, strict=strict, out=out,
+                                                     streaming=(self.s.sink_tokens, self.s.window, self.theta))
         T, Hq, D = q.shape
         block_size = kv_cache.shape[2] if kv_cache.dim() == 4 else None
         slots = slot_view(kv_cache)

@@ -75,7 +75,11 @@ class TritonPath(AttentionPath):
     def zero_slots(self, kv_cache, step) -> None:
         _kernels()[0].zero_slots(slot_view(kv_cache), step.slot_mapping)
 
-    def attend(self, q, kv_cache, step, *, scale, strict, window, out):
+    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, streaming):
+        """StreamingLLM reads (`streaming` = (sink tokens, window, RoPE base)) over pages of unrotated keys."""
+        return self.attend(q, kv_cache, step, scale=scale, strict=strict, window=None, out=out, streaming=streaming)
+
+    def attend(self, q, kv_cache, step, *, scale, strict, window, out, streaming=None):
         if kv_cache.dim() != 4:
             raise ValueError("the Triton path needs vLLM's 4-D page tensor (it reads the block size from it)")
         return _kernels()[1].paged_attention(
@@ -91,4 +95,5 @@ class TritonPath(AttentionPath):
             max_query_len=step.max_query_len,
             max_seq_len=step.max_seq_len,
             out=out,
+            streaming=streaming,
         )
