@@ -233,6 +233,17 @@ class LayerPlan:
     def windowed_producers(self) -> tuple[int, ...]:
         return tuple(p for p in self.producers if self.page_window(p) is not None)
 
+    def kv_tokens_per_sequence(self, windowed_pages: bool = True) -> int | None:
+        """The most tokens of one sequence any producer's pages keep (None: the whole sequence): sinks + window in
+        streaming mode, the window when every producer has windowed pages."""
+        if not windowed_pages:
+            return None
+        if self.streaming is not None:
+            return self.streaming.span
+        if self.producers and len(self.windowed_producers) == len(self.producers):
+            return self.sliding_window
+        return None
+
     def kv_bytes_per_token(self, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
         return len(self.producers) * 2 * num_kv_heads * head_dim * dtype_bytes
 

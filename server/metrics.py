@@ -8,7 +8,8 @@ same process (its `vllm:*` metrics), so the names below are exactly what this se
 - `lckv_requests_running`, `lckv_requests_waiting`: the engine scheduler's view (last step's SchedulerStats);
 - `lckv_requests_unfinished`: requests the engine front end still tracks (0 means nothing left to abort);
 - `lckv_kv_layers`, `lckv_kv_producing_layers`, `lckv_kv_bytes_per_token`, `lckv_kv_capacity_tokens`,
-  `lckv_kv_usage_ratio`, `lckv_kv_used_tokens`: the KV layout of the cross-layer plan and its occupancy;
+  `lckv_kv_tokens_per_sequence_max`, `lckv_kv_usage_ratio`, `lckv_kv_used_tokens`: the KV layout of the cross-layer
+  plan and its occupancy;
 - `lckv_prefill_passes` (histogram: passes over the cyclic segments per prefill, i.e. per request and step with more
   than one token), `lckv_prefill_tokens_total`, `lckv_prefill_last_change` (the relative K/V change measured by the
   last pass of the latest prefill), `lckv_prefill_unconverged_total` (prefills longer than m+b still moving more
@@ -44,10 +45,12 @@ class KVLayout:
     full_bytes_per_token: int  # the same model with every layer keeping its KV
     capacity_tokens: int | None  # num_gpu_blocks * block_size, once the engine has allocated its cache
     block_size: int | None
+    sequence_tokens: int | None = None  # most tokens of a sequence kept in KV (streaming / windowed), None: all
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "KVLayout":
         from lckv_vllm.plan import plan_from_config
+        from lckv_vllm.settings import load_settings
 
         mc = vllm_config.model_config
         plan = plan_from_config(mc.hf_config)
@@ -66,6 +69,7 @@ class KVLayout:
             full_bytes_per_token=plan.full_kv_bytes_per_token(kv_heads, head_dim, dtype_bytes),
             capacity_tokens=blocks * block_size if blocks and block_size else None,
             block_size=block_size,
+            sequence_tokens=plan.kv_tokens_per_sequence(load_settings(mc.hf_config).windowed_pages),
         )
 
 
@@ -177,6 +181,9 @@ class ServerMetrics:
         self.kv_full_bytes = Gauge("lckv_kv_full_bytes_per_token", "KV bytes per token if every layer kept its "
                                    "KV (the plain-model baseline)", registry=r)
         self.kv_capacity = Gauge("lckv_kv_capacity_tokens", "Tokens the allocated KV cache can hold", registry=r)
+        self.kv_sequence = Gauge("lckv_kv_tokens_per_sequence_max", "Most tokens of one sequence kept in KV per "
+                                 "producer (StreamingLLM sinks + window, or the window of an all-windowed plan); 0: "
+                                 "the whole sequence", registry=r)
         self.kv_usage = Gauge("lckv_kv_usage_ratio", "Fraction of the KV cache in use (engine scheduler)",
                               registry=r)
         self.kv_used = Gauge("lckv_kv_used_tokens", "Approximate tokens in the KV cache (usage x capacity)",
@@ -200,6 +207,7 @@ class ServerMetrics:
         self.kv_producers.set(kv.producing_layers)
         self.kv_bytes.set(kv.bytes_per_token)
         self.kv_full_bytes.set(kv.full_bytes_per_token)
+        self.kv_sequence.set(kv.sequence_tokens or 0)
         if kv.capacity_tokens is not None:
             self.kv_capacity.set(kv.capacity_tokens)
             self.kv_used.set(round(stats.kv_usage * kv.capacity_tokens))

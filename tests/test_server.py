@@ -331,6 +331,7 @@ def test_metrics_kv_layout(http, model_path):
     assert m["lckv_kv_producing_layers"] == len(plan.producers) == 3
     assert m["lckv_kv_bytes_per_token"] == plan.kv_bytes_per_token(2, 32, 4)  # 2 KV heads x 32 dims x fp32
     assert m["lckv_kv_full_bytes_per_token"] == 2 * m["lckv_kv_bytes_per_token"]
+    assert m["lckv_kv_tokens_per_sequence_max"] == 0  # full pages: a sequence keeps all its tokens
     # 64 MiB of KV at 1536 bytes/token, in whole 16-token blocks
     cap = m["lckv_kv_capacity_tokens"]
     assert cap % 16 == 0 and 0.9 * (64 << 20) / 1536 <= cap <= (64 << 20) / 1536

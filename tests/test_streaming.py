@@ -71,6 +71,9 @@ def test_streaming_rejects_what_it_cannot_serve():
     # every producer gets sink + window pages, whoever reads it
     plan = LayerPlan.parse("0_2_2", 3, streaming=Streaming(SINKS, WINDOW))
     assert [plan.page_window(p) for p in plan.producers] == [WINDOW, WINDOW]
+    assert plan.kv_tokens_per_sequence() == SINKS + WINDOW and plan.kv_tokens_per_sequence(False) is None
+    assert LayerPlan.parse("0s_1s", 2, sliding_window=8).kv_tokens_per_sequence() == 8
+    assert LayerPlan.parse("0s_1s_1", 3, sliding_window=8).kv_tokens_per_sequence() is None  # layer 1 read in full
 
 
 def test_visibility_and_shift():
