@@ -145,3 +145,11 @@ def test_train_command_end_to_end(model_dir, tmp_path):
     assert (tmp_path / "o" / "train_state.pt").exists() and (tmp_path / "o" / "tokenizer.json").exists()
     report = json.loads((tmp_path / "o" / "train_report.json").read_text())
     assert report["completed_steps"] == 2 and report["train_tokens"] > report["held_out_tokens"] > 0
+
+
+def test_demo_serves_the_committed_examples():
+    """`make demo`'s models are the checkpoints committed under examples/ (a moved module once pointed it elsewhere)."""
+    from lckv_vllm.tools.demo import EXAMPLES
+
+    for _, path in EXAMPLES:
+        assert (path / "config.json").is_file() and any(path.glob("*.safetensors")), path

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .harness import free_port, stop_process, wait_ready
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: lckv_vllm/tools/demo.py -> ../..
 EXAMPLES = [("LCKV w2", ROOT / "examples" / "shakespeare-lckv-w2"), ("identity", ROOT / "examples" / "shakespeare-identity")]
 PROMPT = "ROMEO.\n"
 # Sampled (a tiny model's greedy text loops), with a fixed per-request seed: the same answer on every run.
