@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .plan import LayerPlan, plan_from_config
-from .settings import DEFAULT_PREFILL_TOL
+from .settings import DEFAULT_PREFILL_BLOCK, DEFAULT_PREFILL_TOL
 
 
 class _Cache:
@@ -196,10 +196,24 @@ class ReferenceModel:
             tol = getattr(self.cfg, "lckv_prefill_tol", None)
         return DEFAULT_PREFILL_TOL if tol is None else float(tol)
 
+    def prefill_block(self, block: int | None) -> int:
+        """Positions per prefill block: `block`, else the config's `lckv_prefill_block`, else the plugin's default;
+        0 when the config turns chunked prefill off (whole-prompt mode has no blocks), as the server resolves it."""
+        if block is not None:
+            return int(block)
+        if getattr(self.cfg, "lckv_chunked_prefill", True) is False:
+            return 0
+        block = getattr(self.cfg, "lckv_prefill_block", None)
+        return DEFAULT_PREFILL_BLOCK if block is None else int(block)
+
     @torch.no_grad()
     def forward_chunk(self, tokens, cache: _Cache, passes: int | None = None, tol: float = 0.0,
-                      stats: list | None = None) -> torch.Tensor:
+                      stats: list | None = None, block: int | None = None) -> torch.Tensor:
         """Encode one chunk after the tokens already in `cache` (final).  Returns the chunk's logits.
+
+        `block` (default: the server's, `prefill_block`): the chunk is cut at the multiples of `block` (absolute
+        positions) and the pieces are encoded one after the other, each a chunk of its own (docs/semantics.md,
+        "prefill blocks"); 0: the chunk as one piece.  Everything below is per piece.
 
         Default passes: m+b, or with `use_sequential` one per token of the chunk (every token exact).
         `tol` > 0: adaptive passes (docs/semantics.md): after each pass from the second on, the chunk's first token
@@ -207,12 +221,16 @@ class ReferenceModel:
         recomputes only from there on (and from the first inexact token on), and the chunk stops iterating when no
         token moved more than `tol`.  `tol=0` (default): every pass over the whole chunk.  `stats`, when given,
         receives one (passes used, change of the last pass or None) per cyclic segment."""
+        block = self.prefill_block(block)
+        start, n = cache.length(), len(tokens)
+        if block > 0 and start // block != (start + n - 1) // block:
+            cuts = [start] + list(range((start // block + 1) * block, start + n, block)) + [start + n]
+            return torch.cat([self.forward_chunk(tokens[a - start:b - start], cache, passes, tol, stats, block=0)
+                              for a, b in zip(cuts, cuts[1:])])
         if passes is None:
             passes = max(len(tokens), 1) if self.plan.use_sequential else self.plan.num_passes
         if self.plan.use_sequential:
             tol = 0.0
-        start = cache.length()
-        n = len(tokens)
         pos = torch.arange(start, start + n)
         h = self.w["model.embed_tokens.weight"][torch.tensor(list(tokens))]
         for seg in self.plan.segments:
@@ -270,22 +288,25 @@ class ReferenceModel:
         return ratio.amax(0)
 
     def forward_iterative(self, tokens, passes: int | None = None, tol: float = 0.0) -> torch.Tensor:
-        return self.forward_chunk(tokens, self.new_cache(), passes, tol)
+        """The whole prompt as one chunk and one block (the whole-prompt mode)."""
+        return self.forward_chunk(tokens, self.new_cache(), passes, tol, block=0)
 
-    def forward_chunked(self, tokens, chunk_sizes, passes: int | None = None, tol: float = 0.0) -> torch.Tensor:
+    def forward_chunked(self, tokens, chunk_sizes, passes: int | None = None, tol: float = 0.0,
+                        block: int | None = None) -> torch.Tensor:
         cache = self.new_cache()
         out, i = [], 0
         for size in chunk_sizes:
-            out.append(self.forward_chunk(tokens[i:i + size], cache, passes, tol))
+            out.append(self.forward_chunk(tokens[i:i + size], cache, passes, tol, block=block))
             i += size
         assert i == len(tokens), "chunk sizes must cover the tokens"
         return torch.cat(out)
 
     @torch.no_grad()
     def generate(self, prompt, max_tokens: int, chunk_sizes=None, eos_token_id: int | None = None,
-                 tol: float | None = None):
+                 tol: float | None = None, block: int | None = None):
         """Greedy decoding as the server does it: whole-prompt (or chunk-by-chunk) prefill, then one token per step.
-        `tol`: adaptive passes of the prefill and of each decode step (default: the server's, `prefill_tol`).
+        `tol`: adaptive passes of the prefill and of each decode step (default: the server's, `prefill_tol`);
+        `block`: prefill blocks (default: the server's, `prefill_block`; 0 for the whole-prompt mode).
 
         Returns (token ids, log-probabilities of the chosen tokens).
         """
@@ -294,7 +315,7 @@ class ReferenceModel:
         chunk_sizes = chunk_sizes or [len(prompt)]
         i = 0
         for size in chunk_sizes:
-            logits = self.forward_chunk(prompt[i:i + size], cache, tol=tol)
+            logits = self.forward_chunk(prompt[i:i + size], cache, tol=tol, block=block)
             i += size
         tokens, logprobs = [], []
         for _ in range(max_tokens):

@@ -1,6 +1,6 @@
 """The plugin's switches, resolved once into one frozen `Settings` object.
 
-Six switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
+Seven switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
 
 * `LCKV_ATTENTION_IMPL` = auto | cpu | torch | triton: who does the attention math (`attention/select.py`);
 * `LCKV_EXACT_RECOMPUTE` (config `lckv_exact_recompute`, default on): after preemption, cyclic plans re-encode the
@@ -11,6 +11,10 @@ Six switches exist, each an environment variable with a config-field twin (so `-
 * `LCKV_PREFILL_TOL` (config `lckv_prefill_tol`, default `DEFAULT_PREFILL_TOL`): adaptive passes: a sequence stops
   iterating once its producer K/V moved by less than this (relative) in a pass; 0 = always m+b passes
   (`prefill.py`);
+* `LCKV_PREFILL_BLOCK` (config `lckv_prefill_block`, default `DEFAULT_PREFILL_BLOCK`): with chunked prefill on, a
+  cyclic segment encodes each step's new tokens in blocks of this many positions, aligned to multiples of it from
+  the sequence start, each iterated on top of the earlier, final ones (`prefill.py`); 0 = the step's tokens as one
+  block.  Smaller blocks converge in fewer passes (docs/prefill.md);
 * `LCKV_WINDOWED_PAGES` (config `lckv_windowed_pages`, default on): a producer whose every reader is sliding-window
   gets vLLM's sliding-window KV spec, so its pages older than the window are freed (`LayerPlan.page_window`); off
   keeps full pages for every producer (the window applied on read only), the layout before windowed pages;
@@ -39,6 +43,13 @@ WINDOWED_PAGES_ENV = "LCKV_WINDOWED_PAGES"
 # Chosen by measurement on the trained Shakespeare models (docs/prefill.md, benchmarks/results/convergence.json):
 # the loosest tolerance whose held-out perplexity stays within 0.1 % of the m+b-pass value on every trained model.
 DEFAULT_PREFILL_TOL = 0.1
+# Chosen by measurement on the trained deep model (docs/prefill.md, benchmarks/results/convergence.json and
+# prefill_tax.json): smaller blocks converge in fewer passes (2.8 rows per token and pass at 64, 3.5 at 256, 4.0 as
+# one block, 512-token windows) but each block is one more run of every layer, which on CPU costs more than it saves
+# below ~256 tokens; 256 had the lowest prefill TTFT at 256-2048 tokens.  Sizes 16-512 all keep held-out perplexity
+# within 0.1 % of the m+b-pass value under the default tolerance.
+DEFAULT_PREFILL_BLOCK = 256
+PREFILL_BLOCK_ENV = "LCKV_PREFILL_BLOCK"
 
 ATTENTION_IMPLS = ("auto", "cpu", "torch", "triton")
 _TRUE = ("1", "true", "yes", "on")
@@ -53,6 +64,13 @@ class Settings:
     pass_economy: bool = True
     prefill_tol: float = DEFAULT_PREFILL_TOL
     windowed_pages: bool = True
+    prefill_block: int = DEFAULT_PREFILL_BLOCK
+
+    @property
+    def block(self) -> int:
+        """Positions per prefill block (0: none): blocks are the chunk-by-chunk semantics applied inside a step, so
+        the whole-prompt mode (`chunked_prefill` off, the m+b-pass reproduction) never uses them."""
+        return self.prefill_block if self.chunked_prefill else 0
 
     @property
     def adaptive(self) -> bool:
@@ -104,6 +122,26 @@ def prefill_tol_choice(environ: Mapping[str, str], hf_config) -> float:
     return value
 
 
+def prefill_block_choice(environ: Mapping[str, str], hf_config) -> int:
+    raw = environ.get(PREFILL_BLOCK_ENV)
+    source = PREFILL_BLOCK_ENV
+    if raw is None or not str(raw).strip():
+        raw = getattr(hf_config, "lckv_prefill_block", None)
+        source = "lckv_prefill_block"
+        if raw is None:
+            return DEFAULT_PREFILL_BLOCK
+    msg = f"{source}={raw!r}: expected an integer >= 0 (positions per prefill block; 0 = no blocks)"
+    if isinstance(raw, bool) or isinstance(raw, float):
+        raise ValueError(msg)
+    try:
+        value = int(str(raw).strip())
+    except (TypeError, ValueError):
+        raise ValueError(msg) from None
+    if value < 0:
+        raise ValueError(msg)
+    return value
+
+
 def load_settings(hf_config=None, environ: Mapping[str, str] | None = None) -> Settings:
     """The settings for one engine: the environment, then the config's `lckv_*` fields, then the defaults."""
     environ = os.environ if environ is None else environ
@@ -114,4 +152,5 @@ def load_settings(hf_config=None, environ: Mapping[str, str] | None = None) -> S
         pass_economy=_switch(environ, PASS_ECONOMY_ENV, hf_config, "lckv_pass_economy", True),
         prefill_tol=prefill_tol_choice(environ, hf_config),
         windowed_pages=_switch(environ, WINDOWED_PAGES_ENV, hf_config, "lckv_windowed_pages", True),
+        prefill_block=prefill_block_choice(environ, hf_config),
     )

@@ -18,7 +18,7 @@ import math
 import pytest
 import torch
 
-from conftest import TRAINED_W2, generate, model_of, random_prompt, text_prompts
+from conftest import TRAINED_W2, generate, generate_staggered, model_of, random_prompt, text_prompts
 from lckv_vllm.engine.prefill import row_change
 from lckv_vllm.reference import ReferenceModel
 from lckv_vllm.settings import DEFAULT_PREFILL_TOL, load_settings
@@ -166,3 +166,96 @@ def test_non_converging_checkpoint_is_counted_and_warned_once(engine, caplog):
     assert len(warnings) == 1
     assert "LCKV_CHUNKED_PREFILL=0" in warnings[0].getMessage() and "LCKV_PREFILL_TOL=0" in warnings[0].getMessage()
     assert math.isfinite(stats["last_change"])
+
+
+# ---- prefill blocks ------------------------------------------------------------------------------------------------
+def test_block_setting(monkeypatch):
+    from lckv_vllm.settings import DEFAULT_PREFILL_BLOCK
+
+    monkeypatch.delenv("LCKV_PREFILL_BLOCK", raising=False)
+    monkeypatch.delenv("LCKV_CHUNKED_PREFILL", raising=False)
+    assert load_settings().block == DEFAULT_PREFILL_BLOCK > 0
+    assert load_settings(type("C", (), {"lckv_prefill_block": 32})()).block == 32
+    monkeypatch.setenv("LCKV_CHUNKED_PREFILL", "0")
+    assert load_settings().block == 0  # whole-prompt mode: one block, today's m+b-pass reproduction
+    monkeypatch.delenv("LCKV_CHUNKED_PREFILL")
+    monkeypatch.setenv("LCKV_PREFILL_BLOCK", "0")
+    assert load_settings(type("C", (), {"lckv_prefill_block": 32})()).block == 0  # the environment wins
+    for bad in ("abc", "-16", "1.5"):
+        monkeypatch.setenv("LCKV_PREFILL_BLOCK", bad)
+        with pytest.raises(ValueError, match=f"LCKV_PREFILL_BLOCK={bad!r}"):
+            load_settings()
+    monkeypatch.delenv("LCKV_PREFILL_BLOCK")
+    with pytest.raises(ValueError, match="lckv_prefill_block"):
+        load_settings(type("C", (), {"lckv_prefill_block": 2.5})())
+
+
+@pytest.mark.parametrize("which", ["trained", "random"])
+def test_reference_blocks_are_aligned_chunks(which, model_dir):
+    """A block is a chunk of its own, cut at multiples of the block size counted from the sequence start (not from
+    the chunk's start), so a prefix's encoding depends only on where the scheduler split it."""
+    if which == "trained":
+        ref, toks = trained_ref(), prompts_of([150], offset=3000)[0]
+    else:
+        ref, toks = ReferenceModel(model_dir("tiny-w2")), random_prompt(150, seed=11)
+    for tol in (0.0, DEFAULT_PREFILL_TOL):
+        cache = ref.new_cache()
+        a = ref.forward_chunk(toks[:40], cache, tol=tol, block=0)
+        b = ref.forward_chunk(toks[40:], cache, tol=tol, block=32)  # cut at 64, 96, 128
+        want = ref.forward_chunked(toks, [40, 24, 32, 32, 22], tol=tol, block=0)
+        assert (torch.cat([a, b]) - want).abs().max().item() == 0
+        # the whole prompt in blocks of 32 differs from one block (a long enough prompt is not exact either way)
+        assert (ref.forward_chunked(toks, [150], tol=tol, block=32)
+                - ref.forward_iterative(toks, tol=tol)).abs().max().item() > 1e-6
+
+
+def test_engine_blocks_equal_the_reference_with_batches_decodes_and_scheduler_chunks(engine, model_dir):
+    """Blocks of 16 on a random-weight model (no early stop, so every block runs its m+b passes and any slip in the
+    rounds shows): prompts of several lengths in one batch, prompts arriving while others decode (decode rows in the
+    first round), and the scheduler's 24-token chunks cutting across blocks; all equal the reference's blocks."""
+    ref = ReferenceModel(model_dir("tiny-w2"))
+    env = {"LCKV_PREFILL_BLOCK": "16"}
+    llm = engine("tiny-w2", env=env, max_num_seqs=8)
+    prompts = [random_prompt(n, seed=500 + n) for n in (5, 16, 17, 40, 70)]
+    for p, (toks, lps, _) in zip(prompts, generate(llm, prompts, max_tokens=8)):
+        rtoks, rlps = ref.generate(p, 8, block=16)
+        assert toks == rtoks and worst_dlogprob(lps, rlps) < 1e-3
+    arrivals = [(0, random_prompt(30, seed=520)), (3, random_prompt(45, seed=521)), (5, random_prompt(33, seed=522))]
+    for (_, p), (toks, lps) in zip(arrivals, generate_staggered(llm, arrivals, max_tokens=8)):
+        rtoks, rlps = ref.generate(p, 8, block=16)
+        assert toks == rtoks and worst_dlogprob(lps, rlps) < 1e-3
+    chunked = engine("tiny-w2", env=env, max_num_batched_tokens=24, max_num_seqs=1)
+    p = random_prompt(70, seed=530)
+    toks, lps, _ = generate(chunked, [p], max_tokens=8)[0]
+    rtoks, rlps = ref.generate(p, 8, chunk_sizes=[24, 24, 22], block=16)
+    assert toks == rtoks and worst_dlogprob(lps, rlps) < 1e-3
+
+
+def test_trained_model_blocks_save_passes_within_the_bound(engine):
+    """On the trained model, blocks of 32: the engine equals the blocked reference, stays within the bound of the
+    m+b-pass whole-prompt encoding, and its segments recompute fewer rows than one block per prompt does."""
+    ref = trained_ref()
+    prompts = prompts_of((200, 160), offset=3200)
+    segment = {i for seg in ref.plan.segments if seg.cyclic for i in seg.layers}
+    rows = {0: 0, 32: 0}
+    layer = ref._layer
+    for block in rows:
+        def counting(i, h, *a, _b=block):
+            rows[_b] += h.shape[0] if i in segment else 0
+            return layer(i, h, *a)
+        ref._layer = counting
+        try:
+            for p in prompts:
+                ref.forward_chunk(p, ref.new_cache(), tol=DEFAULT_PREFILL_TOL, block=block)
+        finally:
+            del ref._layer
+    assert rows[32] < 0.9 * rows[0], rows
+    llm = engine(str(TRAINED_W2), env={"LCKV_PREFILL_BLOCK": "32"})
+    before = model_of(llm).model.prefill.stats.snapshot()
+    for p, (toks, lps, _) in zip(prompts, generate(llm, prompts, max_tokens=16)):
+        rtoks, rlps = ref.generate(p, 16, block=32)
+        assert toks == rtoks and worst_dlogprob(lps, rlps) < 1e-3
+        etoks, elps = ref.generate(p, 16, tol=0, block=0)
+        assert toks == etoks and worst_dlogprob(lps, elps) <= BOUND * DEFAULT_PREFILL_TOL
+    after = model_of(llm).model.prefill.stats.snapshot()
+    assert after["prefills"] - before["prefills"] == len(prompts)  # one prefill per request, however many blocks

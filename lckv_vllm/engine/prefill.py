@@ -97,6 +97,8 @@ class IterativePrefill:
         # with tolerance 0 the change is still measured, for telemetry, against the default tolerance
         self.yardstick = self.tol or DEFAULT_PREFILL_TOL
         self.measure = settings.pass_economy
+        # a use_sequential plan encodes one token per pass and stays whole; blocks change nothing it computes
+        self.block = 0 if plan.use_sequential else settings.block
         self._zero_slots = zero_slots  # (segment, step) -> None: zero the step's slots of the segment's producers
         self._tp_reduce = tp_reduce
         self.stats = PrefillStats(plan.num_passes, self.tol)
@@ -109,7 +111,48 @@ class IterativePrefill:
     def run_segment(self, seg, run, positions, seg_in, step: LCKVStep, record: "_StepRecord",
                     passes: int | None = None, rows_of_step: torch.Tensor | None = None):
         """One cyclic segment over `step` (the whole step, or a part of it: then `rows_of_step` maps the part's
-        requests to the step's, for the record).  Returns the segment's output."""
+        requests to the step's, for the record).  Returns the segment's output.
+
+        A step whose tokens cross a prefill-block boundary (`Settings.block`) runs block by block: round j takes
+        every request's j-th block of the step (decode rows in round 0), as a sub-step, iterated on top of the
+        blocks before it, which are final by then."""
+        if passes is None or passes > 1:
+            blocks = self._blocks(step)
+            if blocks is not None:
+                out = torch.empty_like(seg_in)
+                for rows, sub, reqs in blocks:
+                    with vp.metadata_swapped(sub):
+                        h = self._run_one(seg, run, positions.index_select(0, rows), seg_in.index_select(0, rows),
+                                          sub, record, None, reqs if rows_of_step is None else rows_of_step[reqs])
+                    out.index_copy_(0, rows, h)
+                return out
+        return self._run_one(seg, run, positions, seg_in, step, record, passes, rows_of_step)
+
+    def _blocks(self, step: LCKVStep):
+        """The step's prefill blocks as rounds `(rows, sub-step, requests)`, or None when no request's tokens cross a
+        multiple of the block size.  Cached on the step: every cyclic segment uses the same rounds."""
+        C = self.block
+        if C <= 0 or step.max_query_len <= 1:
+            return None
+        if step.prefill_blocks is None:
+            ctx, q = step.context_lens_cpu, step.query_lens_cpu
+            first = ctx // C  # block index of each request's first token in the step
+            count = (ctx + q - 1) // C - first + 1  # blocks each request's step tokens touch
+            if int(count.max()) <= 1:
+                step.prefill_blocks = ()
+            else:
+                rounds = []
+                for j in range(int(count.max())):
+                    reqs = (count > j).nonzero().flatten()
+                    lo = ((first[reqs] + j) * C - ctx[reqs]).clamp_min(0)
+                    hi = torch.minimum((first[reqs] + j + 1) * C - ctx[reqs], q[reqs])
+                    rows, sub = substep(step, reqs, lo, hi - lo)
+                    rounds.append((rows, sub, reqs))
+                step.prefill_blocks = tuple(rounds)
+        return step.prefill_blocks or None
+
+    def _run_one(self, seg, run, positions, seg_in, step: LCKVStep, record: "_StepRecord",
+                 passes: int | None, rows_of_step: torch.Tensor | None):
         if passes is None:
             passes = self.plan.prefill_passes(step.max_query_len)
         if passes > 1:

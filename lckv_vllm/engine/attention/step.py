@@ -57,6 +57,7 @@ class LCKVStep:
     cpu_state: object = None
     gathered: object = None  # torch path: (pages data_ptr, kv_version, gathered copy)
     later_passes: dict | None = None  # pass k -> (rows, sub-step) of the rows that pass k must recompute
+    prefill_blocks: tuple | None = None  # prefill blocks as rounds (rows, sub-step, requests); () = none (prefill.py)
     kv_version: int = 0  # bumped by every write to any pages during the step: invalidates `gathered`
     # adaptive prefill (prefill.py): while a dict, every producer that runs records the K/V it writes,
     # layer name -> [num_actual_tokens, 2 * num_kv_heads * head_dim] (K then V, as written)
