@@ -11,7 +11,8 @@ same process (its `vllm:*` metrics), so the names below are exactly what this se
   `lckv_kv_tokens_per_sequence_max`, `lckv_kv_usage_ratio`, `lckv_kv_used_tokens`: the KV layout of the cross-layer
   plan and its occupancy;
 - `lckv_prefill_passes` (histogram: passes over the cyclic segments per prefill, i.e. per request and step with more
-  than one token), `lckv_prefill_tokens_total`, `lckv_prefill_last_change` (the relative K/V change measured by the
+  than one token), `lckv_prefill_tokens_total`, `lckv_prefill_recomputed_tokens_total` (rows the passes ran, per
+  cyclic segment: / tokens = the passes' cost), `lckv_prefill_last_change` (the relative K/V change measured by the
   last pass of the latest prefill), `lckv_prefill_unconverged_total` (prefills longer than m+b still moving more
   than the tolerance after m+b passes), `lckv_prefill_tolerance`: the convergence telemetry of the iterative
   prefill (`lckv_vllm.engine.prefill`), asked of the engine process per scrape (LCKV models only; plans without a cyclic
@@ -140,6 +141,9 @@ class PrefillCollector:
                                     "multi-token step); at most m+b", buckets=buckets, sum_value=total)
         yield CounterMetricFamily("lckv_prefill_tokens", "Tokens prefilled through cyclic segments",
                                   value=snap["prefill_tokens"])
+        yield CounterMetricFamily("lckv_prefill_recomputed_tokens", "Rows the passes over the cyclic segments ran "
+                                  "for those prefills, per segment (divided by lckv_prefill_tokens_total: the "
+                                  "passes' cost in passes over every token)", value=snap.get("recomputed_tokens", 0.0))
         yield CounterMetricFamily("lckv_prefill_unconverged", "Prefills longer than m+b tokens whose K/V still moved "
                                   "more than the tolerance after m+b passes", value=snap["unconverged"])
         yield GaugeMetricFamily("lckv_prefill_last_change", "Relative K/V change measured by the last pass of the "

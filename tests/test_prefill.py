@@ -259,3 +259,6 @@ def test_trained_model_blocks_save_passes_within_the_bound(engine):
         assert toks == etoks and worst_dlogprob(lps, elps) <= BOUND * DEFAULT_PREFILL_TOL
     after = model_of(llm).model.prefill.stats.snapshot()
     assert after["prefills"] - before["prefills"] == len(prompts)  # one prefill per request, however many blocks
+    # the engine's count of recomputed rows is the reference's (same rule, same rows)
+    engine_rows = after["recomputed_tokens"] - before["recomputed_tokens"]
+    assert engine_rows == rows[32] / len(segment), (engine_rows, rows)

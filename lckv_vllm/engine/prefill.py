@@ -64,12 +64,17 @@ class PrefillStats:
         self.passes = [0] * (max_passes + 1)  # passes[k]: prefills that used k passes over their cyclic segments
         self.prefills = 0
         self.prefill_tokens = 0
+        # rows the cyclic segments ran over for these prefills, all passes, per segment: / prefill_tokens = the
+        # passes' cost in units of one pass over every token (what blocks and the adaptive stop save)
+        self.recomputed_tokens = 0.0
         self.unconverged = 0  # prefills longer than m+b still moving more than the tolerance after m+b passes
         self.last_change: float | None = None  # the change measured by the last pass of the latest prefill
         self._lock = threading.Lock()
 
-    def record(self, passes: list[int], tokens: list[int], changes: list[float], unconverged: int) -> None:
+    def record(self, passes: list[int], tokens: list[int], changes: list[float], unconverged: int,
+               recomputed: float = 0.0) -> None:
         with self._lock:
+            self.recomputed_tokens += recomputed
             for k in passes:
                 self.passes[min(k, self.max_passes)] += 1
             self.prefills += len(passes)
@@ -82,7 +87,7 @@ class PrefillStats:
         with self._lock:
             return {"max_passes": self.max_passes, "tolerance": self.tolerance, "passes": list(self.passes),
                     "prefills": self.prefills,
-                    "prefill_tokens": self.prefill_tokens,
+                    "prefill_tokens": self.prefill_tokens, "recomputed_tokens": self.recomputed_tokens,
                     "unconverged": self.unconverged, "last_change": self.last_change}
 
 
@@ -159,23 +164,24 @@ class IterativePrefill:
             # With one pass (a decode-only step) nothing reads a slot of this step before its producer writes it:
             # readers below the producer are strict, the producer writes before it reads.
             self._zero_slots(seg, step)
-        out, used, last = self._iterate(run, positions, seg_in, step, passes)
-        record.add(used, last, step, rows_of_step)
+        out, used, last, rows = self._iterate(run, positions, seg_in, step, passes)
+        record.add(seg, used, last, rows, rows_of_step)
         return out
 
     def _iterate(self, run, positions, seg_in, step: LCKVStep, passes: int):
         B = step.num_reqs
         used = torch.ones(B, dtype=torch.long)
         last = torch.zeros(B, dtype=torch.float64)
+        q_lens = step.query_lens_cpu
         if passes <= 1:
-            return run(positions, seg_in), used, last
+            return run(positions, seg_in), used, last, q_lens.clone()
         if not self.settings.pass_economy:
             # every pass over every row, as the plain iterative encoding is written (LCKV_PASS_ECONOMY=0)
             out = None
             for _ in range(passes):
                 out = run(positions, seg_in)
-            return out, torch.minimum(step.query_lens_cpu, torch.full_like(used, passes)), last
-        q_lens = step.query_lens_cpu
+            return out, torch.minimum(q_lens, torch.full_like(used, passes)), last, q_lens * passes
+        rows_run = q_lens.clone()  # per request: rows recomputed over all passes
         capture: dict = {}
         step.set_capture(capture)  # on every KV-cache group's step: each producer records into its own group's
         try:
@@ -206,6 +212,7 @@ class IterativePrefill:
             finally:
                 sub.set_capture(None)
             out.index_copy_(0, rows, h)
+            rows_run[reqs] += sub.query_lens_cpu
             if new is None or prev is None:  # a segment whose producers run elsewhere: nothing to measure
                 used[reqs] = k
                 continue
@@ -222,7 +229,7 @@ class IterativePrefill:
                 first = torch.full((len(reqs),), _NONE, dtype=torch.long).scatter_reduce(
                     0, owner, idx, "amin", include_self=True)
                 starts[reqs] = torch.where(first < _NONE, starts[reqs] + first, q_lens[reqs])
-        return out, used, last
+        return out, used, last, rows_run
 
     # ---- telemetry -------------------------------------------------------------------------------------------------
     def finish_step(self, step: LCKVStep, record: "_StepRecord") -> None:
@@ -240,7 +247,8 @@ class IterativePrefill:
         # a prompt of at most m+b tokens is exact after its passes; a longer one that used all m+b passes and still
         # moved more than the tolerance has not converged
         bad = long_ & (passes >= cap) & (changes > self.yardstick)
-        self.stats.record(passes.tolist(), q_lens[prefill].tolist(), changes.tolist(), int(bad.sum()))
+        recomputed = float(record.rows[prefill].sum()) / max(1, len(record.segments))
+        self.stats.record(passes.tolist(), q_lens[prefill].tolist(), changes.tolist(), int(bad.sum()), recomputed)
         if bool(bad.any()) and not self._warned:
             self._warned = True
             i = int(bad.nonzero()[0])
@@ -255,21 +263,27 @@ class IterativePrefill:
 
 
 class _StepRecord:
-    """Per-request passes used and last change over the cyclic segments of one step (max over segments)."""
+    """Per-request passes used and last change over the cyclic segments of one step (max over segments and
+    blocks), and rows recomputed (summed; `segments` counts the cyclic segments that ran)."""
 
     def __init__(self, num_reqs: int):
         self.used = torch.ones(num_reqs, dtype=torch.long)
         self.last = torch.zeros(num_reqs, dtype=torch.float64)
+        self.rows = torch.zeros(num_reqs, dtype=torch.long)
+        self.segments: set[int] = set()
         self.touched = False
 
-    def add(self, used, last, step: LCKVStep, rows_of_step: torch.Tensor | None) -> None:
+    def add(self, seg, used, last, rows, rows_of_step: torch.Tensor | None) -> None:
         self.touched = True
+        self.segments.add(id(seg))
         if rows_of_step is None:
             self.used = torch.maximum(self.used, used)
             self.last = torch.maximum(self.last, last)
+            self.rows += rows
         else:
             self.used[rows_of_step] = torch.maximum(self.used[rows_of_step], used)
             self.last[rows_of_step] = torch.maximum(self.last[rows_of_step], last)
+            self.rows.index_add_(0, rows_of_step, rows)
 
 
 def _stack(capture: dict | None) -> torch.Tensor | None:
