@@ -48,7 +48,7 @@ from .attention.base import AttentionPath
 from .attention.select import select_path
 from .attention.streaming import StreamingRead
 from ..plan import LayerPlan, Segment, plan_from_config
-from .prefill import IterativePrefill
+from .prefill import IterativePrefill, SplitUnits
 from ..settings import Settings, load_settings
 from ..streaming import rope_theta
 
@@ -74,12 +74,7 @@ def _lckv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: t
         return
     t = step.num_actual_tokens
     if spec.computes_kv:
-        # its own pages may sit in another KV-cache group than the pages it reads (windowed pages): own slots
-        own = step if spec.read_name == layer_name else vp.step_metadata(layer_name)
-        if own.kv_capture is not None:  # adaptive prefill measures how far this pass moved the K/V (prefill.py)
-            own.kv_capture[layer_name] = torch.cat([k[:t], v[:t]], -1)
-        spec.path.write_kv(k[:t].view(t, spec.num_kv_heads, spec.head_dim),
-                           v[:t].view(t, spec.num_kv_heads, spec.head_dim), layer.kv_cache, own.slot_mapping, own)
+        _write_own_kv(layer, layer_name, step, k, v, t)
     if spec.streaming is not None:  # sinks + window, keys rotated at their cache positions (attention/streaming.py)
         spec.streaming.attend(q[:t].view(t, spec.num_heads, spec.head_dim), layers[spec.read_name].kv_cache, step,
                               scale=spec.scale, strict=spec.strict, out=output[:t].view(t, spec.num_heads, spec.head_dim))
@@ -89,6 +84,17 @@ def _lckv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: t
                          out=output[:t].view(t, spec.num_heads, spec.head_dim))
     if t < output.shape[0]:
         output[t:] = 0
+
+
+def _write_own_kv(layer, layer_name: str, step, k: torch.Tensor, v: torch.Tensor, t: int) -> None:
+    """A producer's K/V write for the step's first `t` tokens (recorded first while adaptive prefill measures)."""
+    spec = layer.lckv
+    # its own pages may sit in another KV-cache group than the pages it reads (windowed pages): own slots
+    own = step if spec.read_name == layer_name else vp.step_metadata(layer_name)
+    if own.kv_capture is not None:  # adaptive prefill measures how far this pass moved the K/V (prefill.py)
+        own.kv_capture[layer_name] = torch.cat([k[:t], v[:t]], -1)
+    spec.path.write_kv(k[:t].view(t, spec.num_kv_heads, spec.head_dim),
+                       v[:t].view(t, spec.num_kv_heads, spec.head_dim), layer.kv_cache, own.slot_mapping, own)
 
 
 def _lckv_attention_fake(q, k, v, output, layer_name: str) -> None:
@@ -219,6 +225,14 @@ class LCKVAttention(nn.Module):
         output, _ = self.o_proj(out)
         return output
 
+    def write_kv(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> None:
+        """Only this producer's K/V write (eager, outside compiled units): a non-final prefill pass (prefill.py)."""
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        _, k = self.rotary_emb(positions, q, k)
+        step = vp.step_metadata(self.attn.lckv.read_name)
+        _write_own_kv(self.attn, self.own_name, step, k, v, step.num_actual_tokens)
+
 
 class LCKVDecoderLayer(nn.Module):
     def __init__(self, config, plan: LayerPlan, layer_idx: int, vllm_config: VllmConfig, model_prefix: str,
@@ -238,7 +252,17 @@ class LCKVDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, positions, hidden_states, residual):
+    def write_kv(self, positions, hidden_states) -> None:
+        """This layer's K/V of `hidden_states` (its input, residual folded in), nothing else."""
+        self.self_attn.write_kv(positions, self.input_layernorm(hidden_states))
+
+    def forward(self, positions, hidden_states, residual, skip_read: bool = False):
+        if skip_read:
+            # The first pass of a block without context, in a layer that reads a producer above it: every key and
+            # value it could see is a zeroed slot, so its attention output is exactly 0 (uniform weights over zero
+            # values; nothing visible: 0 by definition) and o_proj(0) = 0.  Only the residual and the MLP remain.
+            residual = hidden_states if residual is None else hidden_states + residual
+            return self.mlp(self.post_attention_layernorm(residual)), residual
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -257,16 +281,19 @@ class LCKVSegment(nn.Module):
     segment folds the residual into its output so that every call has the same signature (vLLM traces once).
     """
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers=()):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers=(), skip_reads=()):
         super().__init__()
         # A plain list, not a ModuleList: the layers are registered under `model.layers.N` (the checkpoint's
         # names) by LCKVModel, not a second time here.
         self._layers = list(layers)
+        # per layer: skip its attention (a first-pass unit, see LCKVDecoderLayer.forward); fixed per instance, so
+        # each unit traces once
+        self._skip = tuple(skip_reads) or (False,) * len(self._layers)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = None
-        for layer in self._layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+        for layer, skip in zip(self._layers, self._skip):
+            hidden_states, residual = layer(positions, hidden_states, residual, skip)
         return hidden_states + residual
 
 
@@ -314,6 +341,24 @@ class LCKVModel(nn.Module):
             for k, seg in enumerate(self.local_segments)
         ]
         object.__setattr__(self, "_segments", segments)  # not submodules: they own no weights
+        # Split units (adaptive mode only, so that LCKV_PREFILL_TOL=0 keeps computing what it always did, bit for
+        # bit): each cyclic segment cut below its top layer, a producer (prefill.SplitUnits), with a first-pass
+        # body that skips the reads of zeroed slots (LCKVDecoderLayer.forward).
+        split = {}
+        if self.settings.adaptive and self.plan.streaming is None:
+            for k, seg in enumerate(self.local_segments):
+                top = seg.end - 1
+                if not (seg.cyclic and len(seg.layers) >= 2 and self.plan.roles[top].computes_kv):
+                    continue
+                below = [self.layers[i] for i in seg.layers[:-1]]
+                skip = [self.plan.roles[i].attends_to > i for i in seg.layers[:-1]]
+                body = LCKVSegment(vllm_config=vllm_config, prefix=f"{prefix}.body.{k}", layers=below)
+                body_first = (LCKVSegment(vllm_config=vllm_config, prefix=f"{prefix}.body_first.{k}", layers=below,
+                                          skip_reads=skip) if any(skip) else body)
+                tail = LCKVSegment(vllm_config=vllm_config, prefix=f"{prefix}.tail.{k}", layers=[self.layers[top]])
+                split[k] = SplitUnits(body=body, body_first=body_first, write_top=self.layers[top].write_kv,
+                                      tail=tail)
+        object.__setattr__(self, "_split", split)
         # the step's metadata is looked up under one of this stage's producers (every stage has one)
         self.step_layer = _attn_name(prefix, next(p for p in self.plan.producers
                                                   if self.start_layer <= p < self.end_layer))
@@ -353,15 +398,16 @@ class LCKVModel(nn.Module):
         record = self.prefill.begin_step(step) if step is not None else None
         connector = vp.kv_connector() if step is not None else None
         waited: set[int] = set()
-        for seg, run in zip(self.local_segments, self._segments):
+        for k, (seg, run) in enumerate(zip(self.local_segments, self._segments)):
             if connector is not None:
                 self._wait_for_kv(connector, seg, waited)
             if not seg.cyclic or step is None:
                 hidden = run(positions, hidden)
             elif parts is not None:
-                hidden = self._run_parts(seg, run, positions, hidden, parts, record)
+                hidden = self._run_parts(seg, run, positions, hidden, parts, record, self._split.get(k))
             else:
-                hidden = self.prefill.run_segment(seg, run, positions, hidden, step, record)
+                hidden = self.prefill.run_segment(seg, run, positions, hidden, step, record,
+                                                  split=self._split.get(k))
             if connector is not None:
                 self._save_kv(connector, seg)
         if record is not None:
@@ -395,14 +441,14 @@ class LCKVModel(nn.Module):
                 own = vp.step_metadata(attn.layer_name) if step.family is not None else step
                 self.path.zero_slots(attn.kv_cache, own)
 
-    def _run_parts(self, seg, run, positions, hidden, parts, record):
+    def _run_parts(self, seg, run, positions, hidden, parts, record, split=None):
         """A cyclic segment over a step that re-encodes generated tokens: part by part (see resume.py)."""
         out = hidden.clone()
         for part in parts:
             with vp.metadata_swapped(part.step):
                 seg_in, pos = hidden.index_select(0, part.rows), positions.index_select(0, part.rows)
                 h = self.prefill.run_segment(seg, run, pos, seg_in, part.step, record, passes=part.passes,
-                                             rows_of_step=part.reqs)
+                                             rows_of_step=part.reqs, split=split)
             out.index_copy_(0, part.rows, h)
         return out
 

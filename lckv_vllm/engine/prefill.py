@@ -26,8 +26,11 @@ ratio is taken: every rank sees the same change and recomputes the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -53,6 +56,20 @@ def row_change(new: torch.Tensor, old: torch.Tensor, tp_reduce=None) -> torch.Te
     ratio = torch.where(n2 > 0, d2 / n2.clamp_min(torch.finfo(torch.float32).tiny),
                         torch.where(d2 > 0, torch.full_like(d2, float("inf")), torch.zeros_like(d2)))
     return ratio.sqrt().amax(0)
+
+
+@dataclass(frozen=True)
+class SplitUnits:
+    """A cyclic segment cut below its top layer, which is always a producer (model.py builds these in adaptive
+    mode): `body` runs the layers below it (`body_first`: the same for a first pass without context, upward reads
+    skipped), `write_top` only the top producer's K/V write, `tail` the whole top layer.  A pass that is not the
+    last for a row needs only the producer's K/V of it; its attention and MLP output is what leaves the segment,
+    needed once, from the pass after which the row is final."""
+
+    body: Callable
+    body_first: Callable
+    write_top: Callable
+    tail: Callable
 
 
 class PrefillStats:
@@ -114,7 +131,8 @@ class IterativePrefill:
         return _StepRecord(step.num_reqs)
 
     def run_segment(self, seg, run, positions, seg_in, step: LCKVStep, record: "_StepRecord",
-                    passes: int | None = None, rows_of_step: torch.Tensor | None = None):
+                    passes: int | None = None, rows_of_step: torch.Tensor | None = None,
+                    split: SplitUnits | None = None):
         """One cyclic segment over `step` (the whole step, or a part of it: then `rows_of_step` maps the part's
         requests to the step's, for the record).  Returns the segment's output.
 
@@ -128,10 +146,11 @@ class IterativePrefill:
                 for rows, sub, reqs in blocks:
                     with vp.metadata_swapped(sub):
                         h = self._run_one(seg, run, positions.index_select(0, rows), seg_in.index_select(0, rows),
-                                          sub, record, None, reqs if rows_of_step is None else rows_of_step[reqs])
+                                          sub, record, None, reqs if rows_of_step is None else rows_of_step[reqs],
+                                          split)
                     out.index_copy_(0, rows, h)
                 return out
-        return self._run_one(seg, run, positions, seg_in, step, record, passes, rows_of_step)
+        return self._run_one(seg, run, positions, seg_in, step, record, passes, rows_of_step, split)
 
     def _blocks(self, step: LCKVStep):
         """The step's prefill blocks as rounds `(rows, sub-step, requests)`, or None when no request's tokens cross a
@@ -157,14 +176,20 @@ class IterativePrefill:
         return step.prefill_blocks or None
 
     def _run_one(self, seg, run, positions, seg_in, step: LCKVStep, record: "_StepRecord",
-                 passes: int | None, rows_of_step: torch.Tensor | None):
+                 passes: int | None, rows_of_step: torch.Tensor | None, split: SplitUnits | None = None):
         if passes is None:
             passes = self.plan.prefill_passes(step.max_query_len)
         if passes > 1:
             # With one pass (a decode-only step) nothing reads a slot of this step before its producer writes it:
             # readers below the producer are strict, the producer writes before it reads.
             self._zero_slots(seg, step)
-        out, used, last, rows = self._iterate(run, positions, seg_in, step, passes)
+        if split is not None and passes > 1 and self.tol > 0:
+            # Without context (every sequence of the (sub-)step starts at position 0) the first pass's upward reads
+            # see only the zeros just written: its body skips them.
+            context_free = not bool(step.context_lens_cpu.any())
+            out, used, last, rows = self._iterate_split(split, positions, seg_in, step, passes, context_free)
+        else:
+            out, used, last, rows = self._iterate(run, positions, seg_in, step, passes)
         record.add(seg, used, last, rows, rows_of_step)
         return out
 
@@ -229,6 +254,62 @@ class IterativePrefill:
                 first = torch.full((len(reqs),), _NONE, dtype=torch.long).scatter_reduce(
                     0, owner, idx, "amin", include_self=True)
                 starts[reqs] = torch.where(first < _NONE, starts[reqs] + first, q_lens[reqs])
+        return out, used, last, rows_run
+
+    def _iterate_split(self, u: SplitUnits, positions, seg_in, step: LCKVStep, passes: int, context_free: bool):
+        """Adaptive passes (the rule of `_iterate`) with the top producer split off: each pass runs `body` and
+        `write_top` over the rows still iterating, measures, and then runs `tail` over the rows this pass made final
+        (those before the next pass's first row; every row left after the last pass).  Same values as full passes:
+        a final row's tail reads keys up to itself, all final."""
+        B = step.num_reqs
+        used = torch.ones(B, dtype=torch.long)
+        last = torch.zeros(B, dtype=torch.float64)
+        q_lens = step.query_lens_cpu
+        rows_run = torch.zeros(B, dtype=torch.long)
+        out = torch.empty_like(seg_in)
+        starts = torch.zeros(B, dtype=torch.long)
+        reqs, cur, cur_rows, prev = torch.arange(B), step, None, None
+        for k in range(1, passes + 1):
+            pos = positions if cur_rows is None else positions.index_select(0, cur_rows)
+            x_in = seg_in if cur_rows is None else seg_in.index_select(0, cur_rows)
+            lens = cur.query_lens_cpu
+            with vp.metadata_swapped(cur) if cur is not step else contextlib.nullcontext():
+                capture: dict = {}
+                cur.set_capture(capture)
+                try:
+                    hb = (u.body_first if k == 1 and context_free else u.body)(pos, x_in)
+                    u.write_top(pos, hb)
+                    new = _stack(capture)
+                finally:
+                    cur.set_capture(None)
+                rows_run[reqs] += lens
+                used[reqs] = k
+                old = starts[reqs]
+                if prev is None:
+                    prev, nxt = new, old + 1  # pass 1 makes the first row exact
+                else:
+                    change = row_change(new, prev.index_select(1, cur_rows), self._tp_reduce).double().cpu()
+                    prev.index_copy_(1, cur_rows, new)
+                    owner = torch.repeat_interleave(torch.arange(len(reqs)), lens)  # row -> index into reqs
+                    last[reqs] = torch.zeros(len(reqs), dtype=torch.float64).scatter_reduce(
+                        0, owner, change, "amax", include_self=False)
+                    offset = torch.arange(len(owner)) - torch.repeat_interleave(cur.query_start_loc_cpu[:-1], lens)
+                    idx = torch.where(change > self.tol, offset, torch.full_like(offset, _NONE))
+                    first = torch.full((len(reqs),), _NONE, dtype=torch.long).scatter_reduce(
+                        0, owner, idx, "amin", include_self=True)
+                    nxt = torch.where(first < _NONE, old + first, q_lens[reqs]).clamp_min(k)  # first k rows exact
+                nxt = q_lens[reqs] if k == passes else torch.minimum(nxt, q_lens[reqs])
+                done = (nxt > old).nonzero().flatten()  # indices into reqs (and cur's requests)
+                if done.numel():
+                    local, fin = substep(cur, done, torch.zeros_like(done), (nxt - old)[done])
+                    with vp.metadata_swapped(fin):
+                        h = u.tail(pos.index_select(0, local), hb.index_select(0, local))
+                    out.index_copy_(0, local if cur_rows is None else cur_rows.index_select(0, local), h)
+            starts[reqs] = nxt
+            reqs = (starts < q_lens).nonzero().flatten()
+            if reqs.numel() == 0:
+                break
+            cur_rows, cur = substep(step, reqs, starts[reqs], q_lens[reqs] - starts[reqs])
         return out, used, last, rows_run
 
     # ---- telemetry -------------------------------------------------------------------------------------------------
