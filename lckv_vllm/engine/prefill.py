@@ -1,4 +1,4 @@
-"""The iterative prefill of cyclic segments: zero start, passes, the pass economy, adaptive stopping, telemetry.
+"""The iterative prefill of cyclic segments: zero start, passes, the pass economy, adaptive stopping, blocks, telemetry.
 
 A cyclic segment runs up to `plan.prefill_passes(longest query)` (min(m + b, longest)) passes over a step's tokens,
 every pass from the same segment input, with the step's producer slots zeroed first (docs/semantics.md).
@@ -15,6 +15,15 @@ every pass from the same segment input, with the step's producer slots zeroed fi
   prompt prefix gets the same K/V whatever follows it (prefix caching stays consistent) and a sequence's passes do
   not depend on what it is batched with.  Tolerance 0 disables the stop: always min(m + b, length) passes, the
   exact m+b-pass result.  The float64 oracle implements the same rule (`ReferenceModel.forward_chunk`).
+* **Prefill blocks** (`Settings.block`, chunked prefill only).  A step whose tokens cross a multiple of the block
+  size runs in rounds: round j takes every request's j-th block as a sub-step, iterated on top of the blocks before
+  it, final by then (the chunk-by-chunk semantics inside one step; `ReferenceModel.forward_chunk(block=)`).  Tokens
+  with final context converge in fewer passes.
+* **Split passes** (adaptive mode; `SplitUnits`, built by model.py).  The top layer of a cyclic segment is a
+  producer, and of a pass that is not a row's last only that producer's K/V matters: so a pass runs the layers
+  below it and its K/V write, and its attention and MLP run once per row, after the pass that made the row final.
+  A first pass without context skips the upward reads too (they see only zeroed slots: exactly 0).  The values are
+  those of full passes.
 * **Telemetry.**  Per prefill (a request's multi-token query in a step): the passes it used and the change of its
   last pass, kept in `PrefillStats` (read by lckv-serve's /metrics through the worker extension), and one warning
   per engine when a prompt longer than m + b is still moving more than the tolerance after m + b passes: such a
