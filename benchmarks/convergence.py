@@ -5,6 +5,8 @@ reference (`ReferenceModel`, no vLLM):
   * perplexity of token-by-token encoding (exact), of 1, 2, 3, 4, 5 and m+b fixed passes, of adaptive passes at a
     sweep of tolerances (with the passes they used per window) and of chunk-by-chunk encoding (chunks of 128, 64, 16
     tokens) under the default tolerance;
+  * per prefill block size (whole windows as one prompt, the default tolerance): perplexity, and the rows the cyclic
+    segment recomputed per token (the cost of the passes: 1 = one pass over every token);
   * the largest |logprob difference| of any scored token against the m+b-pass encoding, per tolerance: the measured
     constant behind the bound the tests use (|dlogprob| <= C x tol);
 and through vLLM (prompt logprobs, fp32, the plugin's `cpu` path): perplexity under the defaults (chunked prefill,
@@ -36,8 +38,9 @@ MODELS = {  # name -> checkpoint directory (trained LCKV models)
     "deep-lckv-w2 (12 layers)": ROOT / "models" / "deep" / "lckv-w2",
 }
 FIXED = (1, 2, 3, 4, 5)
-TOLS = (0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.003, 0.001)
+TOLS = (0.3, 0.2, 0.15, 0.1, 0.05, 0.03, 0.02, 0.01, 0.003, 0.001)
 CHUNKS = (128, 64, 16)
+BLOCKS = (0, 32, 64, 128, 256)  # prefill blocks (LCKV_PREFILL_BLOCK); 0 = the window as one block
 
 
 def nll_of(logits, window) -> list[float]:
@@ -99,6 +102,26 @@ def _chunked(ref, windows, out: dict, tol: float, t0: float) -> dict:
             sizes = [c] * (len(w) // c) + ([len(w) % c] if len(w) % c else [])
             nlls.append(nll_of(ref.forward_chunked(w, sizes, tol=tol), w))
         out["chunked_default_tol"][str(c)] = ppl(nlls)
+    out["blocks_default_tol"] = {}
+    segment = {i for seg in ref.plan.segments if seg.cyclic for i in seg.layers}
+    rows = [0]
+    layer = ref._layer
+
+    def counting(i, h, *a):
+        rows[0] += h.shape[0] if i in segment else 0
+        return layer(i, h, *a)
+
+    ref._layer = counting
+    try:
+        for b in BLOCKS:
+            rows[0] = 0
+            nlls = [nll_of(ref.forward_chunked(w, [len(w)], tol=tol, block=b), w) for w in windows]
+            out["blocks_default_tol"][str(b)] = {
+                "ppl": ppl(nlls), "rel_to_m_plus_b": ppl(nlls) / out["ppl_m_plus_b"] - 1,
+                "rows_per_token": rows[0] / (len(segment) * sum(len(w) for w in windows))}
+            print(f"  block {b}: {out['blocks_default_tol'][str(b)]}", flush=True)
+    finally:
+        del ref._layer
     out["reference_seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -203,6 +226,9 @@ def write_outputs(results: dict) -> None:
                          f"{a['max_abs_dlogprob']:.1e} |")
         for c, p in ref["chunked_default_tol"].items():
             lines.append(f"| chunks of {c}, default tol | {p:.4f} | {p / ref['ppl_m_plus_b'] - 1:+.2e} | - | - |")
+        for b, v in ref.get("blocks_default_tol", {}).items():
+            lines.append(f"| blocks of {b if b != '0' else 'the whole window'}, default tol | {v['ppl']:.4f} | "
+                         f"{v['rel_to_m_plus_b']:+.2e} | {v['rows_per_token']:.2f} rows per token | - |")
         lines += ["", "| through vLLM | perplexity | vs exact | prefills by passes used (1..m+b) |",
                   "| --- | ---: | ---: | --- |"]
         for run, v in r["vllm"].items():
