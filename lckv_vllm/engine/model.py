@@ -402,6 +402,13 @@ class LCKVModel(nn.Module):
             if connector is not None:
                 self._wait_for_kv(connector, seg, waited)
             if not seg.cyclic or step is None:
+                if step is None and k in self._split:
+                    # vLLM's warm-up and profiling runs (no step): run the split units too, so that compiled mode
+                    # compiles them at start-up rather than on the first prefill
+                    u = self._split[k]
+                    u.tail(positions, u.body(positions, hidden))
+                    if u.body_first is not u.body:
+                        u.body_first(positions, hidden)
                 hidden = run(positions, hidden)
             elif parts is not None:
                 hidden = self._run_parts(seg, run, positions, hidden, parts, record, self._split.get(k))
