@@ -16,6 +16,9 @@ prompt is held-out Shakespeare text (random token ids would say nothing about co
   loads    the paper load (16 + 128 tokens) and the prompt-heavy load (64 + 16), 16 requests added at once, at KV
            budgets of 2 / 4 / 10 paper-load sequences of vLLM's Llama and without limit (as `lckv-vllm bench`);
            output tokens/s and ratios to vLLM's Llama, medians of per-round ratios over alternating rounds.
+  blocks   TTFT of one prompt of 256-2048 tokens under each prefill block size (`LCKV_PREFILL_BLOCK` 0 = the
+           chunk as one block, 64, 128, 256 = default, 512), with the rows the cyclic segment recomputed per prompt
+           token; ratios to identity measured in the same round.
   chat     lckv-serve per engine, a multi-turn chat load with locust (loadtests/chat_locustfile.py): conversations
            sharing a ~1,200-character system prompt, 4 turns each, 4 at once; TTFT per turn, prefix-cache hit rate
            (usage.prompt_tokens_details.cached_tokens), TPOT.
@@ -123,6 +126,48 @@ def prefill_part(engines: dict, text: Text, lens: list[int], reps: int) -> dict:
     return {"lengths": lens, "reps": reps, "engines": out}
 
 
+BLOCK_SIZES = (0, 64, 128, 256, 512)
+
+
+def blocks_part(specs: dict, text: Text, lens: list[int], reps: int, kw: dict, alloc: int) -> dict:
+    from bench.metrics import median, ratio
+    from bench.offline import OfflineEngine
+
+    engines = {}
+    try:
+        for name, (path, env) in [("identity", specs["identity"])] + [
+                (f"block {b}", (specs["lckv"][0], {"LCKV_PREFILL_BLOCK": str(b)})) for b in BLOCK_SIZES]:
+            e = OfflineEngine(name, path, BLOCK, alloc, kw, env=env)
+            e.start()
+            e.run([text.take(8), text.take(8)], 4)
+            e.run([text.take(256)], 1)
+            engines[name] = e
+        ttft = {n: {L: [] for L in lens} for n in engines}
+        rows = {n: {L: [] for L in lens} for n in engines}
+        for rep in range(reps):
+            for L in lens:
+                prompt = text.take(L)
+                for name in (list(engines) if rep % 2 == 0 else list(engines)[::-1]):
+                    e = engines[name]
+                    e.set_budget(None)
+                    before = _prefill_stats(e)
+                    s = e.run([prompt], 1).samples[0]
+                    ttft[name][L].append((s["tokens"][0] - s["arrival"]) * 1000)
+                    if before is not None:
+                        after = _prefill_stats(e)
+                        rows[name][L].append((after["recomputed_tokens"] - before["recomputed_tokens"]) / L)
+                print(f"  blocks {L}: " + ", ".join(f"{n} {ttft[n][L][-1]:.0f} ms" for n in engines), flush=True)
+    finally:
+        for e in engines.values():
+            e.close()
+    return {"lengths": lens, "reps": reps, "engines": {
+        name: {"ttft_ms": {str(L): median(ttft[name][L]) for L in lens},
+               "ratio_vs_identity": {str(L): median([ratio(a, b) for a, b in zip(ttft[name][L], ttft["identity"][L])])
+                                     for L in lens},
+               "rows_per_token": {str(L): median(rows[name][L]) for L in lens} if rows[name][lens[0]] else None}
+        for name in engines}}
+
+
 def loads_part(engines: dict, text: Text, workloads: dict, budgets: list[dict], rounds: int, requests: int) -> dict:
     from bench.metrics import median, ratio, summarize
 
@@ -217,7 +262,7 @@ def chat_part(specs: dict, text_path: Path, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer lengths, rounds and conversations")
-    ap.add_argument("--parts", default="prefill,loads,chat")
+    ap.add_argument("--parts", default="prefill,loads,blocks,chat")
     ap.add_argument("--prefill-lens", default="64,128,256,512,1024,2048")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
@@ -283,6 +328,10 @@ def main(argv=None) -> int:
         finally:
             for e in engines.values():
                 e.close()
+    if "blocks" in parts:
+        kw = dict(dtype="float32", max_model_len=max_len, max_num_batched_tokens=max_len, seed=0,
+                  max_num_seqs=256, enforce_eager=True)
+        report["blocks"] = blocks_part(specs, text, [L for L in lens if L >= 256], args.reps, kw, alloc)
     if "chat" in parts:
         report["chat"] = chat_part(specs, held, args)
         report["settings"]["chat"] = {"users": args.users, "conversations": args.conversations,
@@ -290,7 +339,7 @@ def main(argv=None) -> int:
                                       "system_prompt_chars": 1200, "user_message_chars": 160}
     report["elapsed_s"] = round(time.time() - t0, 1)
     old = RESULTS / "prefill_tax.json"
-    if old.exists() and parts != {"prefill", "loads", "chat"}:  # a partial run keeps the other parts
+    if old.exists() and parts != {"prefill", "loads", "blocks", "chat"}:  # a partial run keeps the other parts
         report = {**json.loads(old.read_text()), **report}
     write_outputs(report)
     return 0
@@ -313,6 +362,18 @@ def write_outputs(report: dict) -> None:
                          f"{e['lckv-fixed']['ratio_vs_identity'][str(L)]:.2f}x | "
                          f"{e['lckv']['ratio_vs_identity'][str(L)]:.2f}x | "
                          f"{', '.join(f'{x:g}' for x in passes if x is not None)} |")
+        lines.append("")
+    if "blocks" in report:
+        b = report["blocks"]
+        names = [n for n in b["engines"] if n != "identity"]
+        lines += ["**Prefill blocks** (`LCKV_PREFILL_BLOCK`; one prompt; TTFT ratio to identity, median of rounds; "
+                  "rows the cyclic segment recomputed per prompt token)", "",
+                  "| prompt tokens | identity ms | " + " | ".join(names) + " |", "| ---: | ---: |" + " ---: |" * len(names)]
+        for L in b["lengths"]:
+            e = b["engines"]
+            lines.append(f"| {L} | {e['identity']['ttft_ms'][str(L)]:.0f} | " + " | ".join(
+                f"{e[n]['ratio_vs_identity'][str(L)]:.2f}x ({e[n]['rows_per_token'][str(L)]:.2f})" for n in names)
+                + " |")
         lines.append("")
     if "loads" in report:
         for wname, cells in report["loads"].items():
@@ -342,7 +403,7 @@ def write_outputs(report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [k for k in ("prefill", "loads", "chat") if k in report]
+    panels = [k for k in ("prefill", "blocks", "loads", "chat") if k in report]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, part in zip(axes[0], panels):
         if part == "prefill":
@@ -355,6 +416,17 @@ def write_outputs(report: dict) -> None:
             ax.set_xlabel("prompt tokens")
             ax.set_ylabel("TTFT / identity TTFT")
             ax.set_title("prefill", fontsize=10)
+        elif part == "blocks":
+            b = report["blocks"]
+            for name in b["engines"]:
+                if name != "identity":
+                    ax.plot(b["lengths"], [b["engines"][name]["ratio_vs_identity"][str(L)] for L in b["lengths"]],
+                            "o-", label=name)
+            ax.axhline(3, color="grey", ls="--", lw=1)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("prompt tokens")
+            ax.set_ylabel("TTFT / identity TTFT")
+            ax.set_title("prefill blocks (LCKV_PREFILL_BLOCK)", fontsize=10)
         elif part == "loads":
             labels = list(next(iter(report["loads"].values())))
             for wname, cells in report["loads"].items():
