@@ -368,7 +368,8 @@ def write_outputs(report: dict) -> None:
         names = [n for n in b["engines"] if n != "identity"]
         lines += ["**Prefill blocks** (`LCKV_PREFILL_BLOCK`; one prompt; TTFT ratio to identity, median of rounds; "
                   "rows the cyclic segment recomputed per prompt token)", "",
-                  "| prompt tokens | identity ms | " + " | ".join(names) + " |", "| ---: | ---: |" + " ---: |" * len(names)]
+                  "| prompt tokens | identity ms | " + " | ".join(names) + " |",
+                  "| ---: | ---: |" + " ---: |" * len(names)]
         for L in b["lengths"]:
             e = b["engines"]
             lines.append(f"| {L} | {e['identity']['ttft_ms'][str(L)]:.0f} | " + " | ".join(
