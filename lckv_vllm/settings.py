@@ -105,43 +105,37 @@ def _switch(environ: Mapping[str, str], name: str, hf_config, field: str, defaul
     return bool(getattr(hf_config, field, default)) if value is None else value
 
 
-def prefill_tol_choice(environ: Mapping[str, str], hf_config) -> float:
-    raw = environ.get(PREFILL_TOL_ENV)
-    source = PREFILL_TOL_ENV
+def _number_setting(environ: Mapping[str, str], env: str, hf_config, field: str, default, convert, valid,
+                    expected: str):
+    """The environment variable if set, else the config field, else `default`; converted, checked, and on a bad
+    value an error naming where it came from."""
+    raw, source = environ.get(env), env
     if raw is None or not str(raw).strip():
-        raw = getattr(hf_config, "lckv_prefill_tol", None)
-        source = "lckv_prefill_tol"
+        raw, source = getattr(hf_config, field, None), field
         if raw is None:
-            return DEFAULT_PREFILL_TOL
-    if isinstance(raw, bool):
-        raise ValueError(f"{source}={raw!r}: expected a number >= 0 (0 = always m+b passes)")
+            return default
     try:
-        value = float(raw)
+        value = None if isinstance(raw, bool) else convert(raw)
     except (TypeError, ValueError):
-        raise ValueError(f"{source}={raw!r}: expected a number >= 0 (0 = always m+b passes)") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{source}={raw!r}: expected a finite number >= 0 (0 = always m+b passes)")
+        value = None
+    if value is None or not valid(value):
+        raise ValueError(f"{source}={raw!r}: expected {expected}")
     return value
+
+
+def _int(raw) -> int | None:
+    return None if isinstance(raw, float) else int(str(raw).strip())
+
+
+def prefill_tol_choice(environ: Mapping[str, str], hf_config) -> float:
+    return _number_setting(environ, PREFILL_TOL_ENV, hf_config, "lckv_prefill_tol", DEFAULT_PREFILL_TOL, float,
+                           lambda v: math.isfinite(v) and v >= 0,
+                           "a finite number >= 0 (0 = always m+b passes)")
 
 
 def prefill_block_choice(environ: Mapping[str, str], hf_config) -> int:
-    raw = environ.get(PREFILL_BLOCK_ENV)
-    source = PREFILL_BLOCK_ENV
-    if raw is None or not str(raw).strip():
-        raw = getattr(hf_config, "lckv_prefill_block", None)
-        source = "lckv_prefill_block"
-        if raw is None:
-            return DEFAULT_PREFILL_BLOCK
-    msg = f"{source}={raw!r}: expected an integer >= 0 (positions per prefill block; 0 = no blocks)"
-    if isinstance(raw, bool) or isinstance(raw, float):
-        raise ValueError(msg)
-    try:
-        value = int(str(raw).strip())
-    except (TypeError, ValueError):
-        raise ValueError(msg) from None
-    if value < 0:
-        raise ValueError(msg)
-    return value
+    return _number_setting(environ, PREFILL_BLOCK_ENV, hf_config, "lckv_prefill_block", DEFAULT_PREFILL_BLOCK, _int,
+                           lambda v: v >= 0, "an integer >= 0 (positions per prefill block; 0 = no blocks)")
 
 
 def load_settings(hf_config=None, environ: Mapping[str, str] | None = None) -> Settings:
