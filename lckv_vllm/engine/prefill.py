@@ -253,15 +253,8 @@ class IterativePrefill:
             change = row_change(new, prev.index_select(1, rows), self._tp_reduce).double().cpu()
             prev.index_copy_(1, rows, new)
             used[reqs] = k
-            sub_lens = sub.query_lens_cpu
-            owner = torch.repeat_interleave(torch.arange(len(reqs)), sub_lens)  # row -> index into reqs
-            last[reqs] = torch.zeros(len(reqs), dtype=torch.float64).scatter_reduce(
-                0, owner, change, "amax", include_self=False)
+            last[reqs], first = _per_request(change, sub, self.tol)
             if self.tol > 0:
-                offset = torch.arange(len(owner)) - torch.repeat_interleave(sub.query_start_loc_cpu[:-1], sub_lens)
-                idx = torch.where(change > self.tol, offset, torch.full_like(offset, _NONE))
-                first = torch.full((len(reqs),), _NONE, dtype=torch.long).scatter_reduce(
-                    0, owner, idx, "amin", include_self=True)
                 starts[reqs] = torch.where(first < _NONE, starts[reqs] + first, q_lens[reqs])
         return out, used, last, rows_run
 
@@ -299,13 +292,7 @@ class IterativePrefill:
                 else:
                     change = row_change(new, prev.index_select(1, cur_rows), self._tp_reduce).double().cpu()
                     prev.index_copy_(1, cur_rows, new)
-                    owner = torch.repeat_interleave(torch.arange(len(reqs)), lens)  # row -> index into reqs
-                    last[reqs] = torch.zeros(len(reqs), dtype=torch.float64).scatter_reduce(
-                        0, owner, change, "amax", include_self=False)
-                    offset = torch.arange(len(owner)) - torch.repeat_interleave(cur.query_start_loc_cpu[:-1], lens)
-                    idx = torch.where(change > self.tol, offset, torch.full_like(offset, _NONE))
-                    first = torch.full((len(reqs),), _NONE, dtype=torch.long).scatter_reduce(
-                        0, owner, idx, "amin", include_self=True)
+                    last[reqs], first = _per_request(change, cur, self.tol)
                     nxt = torch.where(first < _NONE, old + first, q_lens[reqs]).clamp_min(k)  # first k rows exact
                 nxt = q_lens[reqs] if k == passes else torch.minimum(nxt, q_lens[reqs])
                 done = (nxt > old).nonzero().flatten()  # indices into reqs (and cur's requests)
@@ -374,6 +361,19 @@ class _StepRecord:
             self.used[rows_of_step] = torch.maximum(self.used[rows_of_step], used)
             self.last[rows_of_step] = torch.maximum(self.last[rows_of_step], last)
             self.rows.index_add_(0, rows_of_step, rows)
+
+
+def _per_request(change: torch.Tensor, sub: LCKVStep, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per request of `sub` (whose rows `change` measures): the largest change, and the index within its rows of the
+    first row that moved more than `tol` (`_NONE` if none)."""
+    lens = sub.query_lens_cpu
+    n = len(lens)
+    owner = torch.repeat_interleave(torch.arange(n), lens)  # row -> request
+    largest = torch.zeros(n, dtype=torch.float64).scatter_reduce(0, owner, change, "amax", include_self=False)
+    offset = torch.arange(len(owner)) - torch.repeat_interleave(sub.query_start_loc_cpu[:-1], lens)
+    idx = torch.where(change > tol, offset, torch.full_like(offset, _NONE))
+    first = torch.full((n,), _NONE, dtype=torch.long).scatter_reduce(0, owner, idx, "amin", include_self=True)
+    return largest, first
 
 
 def _stack(capture: dict | None) -> torch.Tensor | None:
