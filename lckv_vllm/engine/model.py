@@ -229,7 +229,8 @@ class LCKVAttention(nn.Module):
         """Only this producer's K/V write (eager, outside compiled units): a non-final prefill pass (prefill.py)."""
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        _, k = self.rotary_emb(positions, q, k)
+        if self.streaming is None:  # streaming stores keys unrotated (as `forward`)
+            _, k = self.rotary_emb(positions, q, k)
         step = vp.step_metadata(self.attn.lckv.read_name)
         _write_own_kv(self.attn, self.own_name, step, k, v, step.num_actual_tokens)
 
@@ -345,7 +346,7 @@ class LCKVModel(nn.Module):
         # bit): each cyclic segment cut below its top layer, a producer (prefill.SplitUnits), with a first-pass
         # body that skips the reads of zeroed slots (LCKVDecoderLayer.forward).
         split = {}
-        if self.settings.adaptive and self.plan.streaming is None:
+        if self.settings.adaptive:
             for k, seg in enumerate(self.local_segments):
                 top = seg.end - 1
                 if not (seg.cyclic and len(seg.layers) >= 2 and self.plan.roles[top].computes_kv):
