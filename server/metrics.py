@@ -44,7 +44,10 @@ class KVLayout:
     checkpoint_layer_types: str  # the checkpoint's own plan
     bytes_per_token: int
     full_bytes_per_token: int  # the same model with every layer keeping its KV
-    capacity_tokens: int | None  # num_gpu_blocks * block_size, once the engine has allocated its cache
+    # vLLM's group-aware "KV cache size" (tokens of max-model-len sequences the pool holds), once the engine has
+    # allocated its cache; num_blocks * block_size only where vLLM gives none (every token takes one block per
+    # KV-cache group, so with windowed pages the pool's block count alone overstates it)
+    capacity_tokens: int | None
     block_size: int | None
     sequence_tokens: int | None = None  # most tokens of a sequence kept in KV (streaming / windowed), None: all
 
@@ -59,7 +62,6 @@ class KVLayout:
         head_dim = mc.get_head_size()
         dtype_bytes = _cache_dtype_bytes(vllm_config)
         cache = vllm_config.cache_config
-        blocks = getattr(cache, "num_gpu_blocks", None)
         block_size = getattr(cache, "block_size", None)
         return cls(
             layers=plan.num_layers,
@@ -68,10 +70,18 @@ class KVLayout:
             checkpoint_layer_types=getattr(mc.hf_config, "layer_types_overridden_from", None) or plan.layer_types,
             bytes_per_token=plan.kv_bytes_per_token(kv_heads, head_dim, dtype_bytes),
             full_bytes_per_token=plan.full_kv_bytes_per_token(kv_heads, head_dim, dtype_bytes),
-            capacity_tokens=blocks * block_size if blocks and block_size else None,
+            capacity_tokens=_capacity_tokens(cache),
             block_size=block_size,
             sequence_tokens=plan.kv_tokens_per_sequence(load_settings(mc.hf_config).windowed_pages),
         )
+
+
+def _capacity_tokens(cache_config) -> int | None:
+    sized = getattr(cache_config, "kv_cache_size_tokens", None)
+    if sized:
+        return int(sized)
+    blocks, block_size = getattr(cache_config, "num_gpu_blocks", None), getattr(cache_config, "block_size", None)
+    return blocks * block_size if blocks and block_size else None
 
 
 def _cache_dtype_bytes(vllm_config) -> int:

@@ -72,6 +72,7 @@ def test_windowed_pages_match_reference_and_full_pages(engine, plan_dirs, name):
     groups = _groups(llm)
     assert sorted(i for kind, layers in groups if kind == "SlidingWindowSpec" for i in layers) == list(windowed)
     assert sorted(i for kind, layers in groups if kind == "FullAttentionSpec" for i in layers) == list(full)
+    _check_capacity_metric(llm)
     prompts = [random_prompt(n, seed=300 + n) for n in LENGTHS]
     got = generate(llm, prompts, max_tokens=24)
     ref = ReferenceModel(path)
@@ -87,6 +88,20 @@ def test_windowed_pages_match_reference_and_full_pages(engine, plan_dirs, name):
     for (toks, lps, _), (ftoks, flps, _) in zip(got, generate(full_llm, prompts, max_tokens=24)):
         assert toks == ftoks
         assert max(abs(a - b) for a, b in zip(lps, flps)) < 1e-4
+
+
+def _check_capacity_metric(llm):
+    """lckv-serve's `lckv_kv_capacity_tokens` is vLLM's group-aware KV cache size: every token takes a block in each
+    KV-cache group, so with several groups it is below the pool's blocks x block size."""
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_capacity
+
+    from lckv_vllm.server.metrics import KVLayout
+
+    vc, cfg = llm.llm_engine.vllm_config, _scheduler(llm).kv_cache_config
+    capacity = KVLayout.from_vllm_config(vc).capacity_tokens
+    assert capacity == get_kv_cache_capacity(vc, cfg)[0]
+    if len(cfg.kv_cache_groups) > 1:
+        assert capacity < cfg.num_blocks * BLOCK_SIZE
 
 
 @pytest.mark.parametrize("name", ["yoco", "lckv-sliding"])
