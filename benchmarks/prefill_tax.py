@@ -49,6 +49,7 @@ DEEP = ROOT / "models" / "deep"
 BLOCK = 32  # vLLM's CPU attention (the Llama baseline) wants a multiple of 32
 FIXED_ENV = {"LCKV_CHUNKED_PREFILL": "0", "LCKV_PREFILL_TOL": "0"}
 ENGINES = ("llama", "identity", "lckv-fixed", "lckv")
+LIGHT_FIRST = 1000  # the light chat load's first conversation text (the main load's are 0..conversations-1)
 
 
 def engine_specs() -> dict:
@@ -212,7 +213,7 @@ def chat_part(specs: dict, text_path: Path, args) -> dict:
     from lckv_vllm.tools.harness import free_port, read_metrics, stop_process, wait_ready
 
     bin_dir = Path(sys.executable).parent
-    out = {}
+    out, light = {}, {}
     work = ROOT / "models" / "prefill_tax"
     work.mkdir(parents=True, exist_ok=True)
     for name in ENGINES:
@@ -244,6 +245,16 @@ def chat_part(specs: dict, text_path: Path, args) -> dict:
             subprocess.run(locust + ["-u", str(args.users), "-r", str(args.users), "-t", "600s"], env=load_env,
                            check=False, stdout=subprocess.DEVNULL, timeout=900)
             out[name] = json.loads(result.read_text())
+            if args.light_users and name != "lckv-fixed":
+                # the same conversations' shape at light load, on texts this server has not seen: what a turn
+                # costs without queueing behind the others
+                light_out = work / f"chat-{name}-light.json"
+                print(f"  chat {name}: {args.light_users} user(s), light load", flush=True)
+                subprocess.run(locust + ["-u", str(args.light_users), "-r", str(args.light_users), "-t", "600s"],
+                               env=dict(load_env, LCKV_LOAD_OUT=str(light_out),
+                                        LCKV_CHAT_FIRST_CONVERSATION=str(LIGHT_FIRST)),
+                               check=False, stdout=subprocess.DEVNULL, timeout=900)
+                light[name] = json.loads(light_out.read_text())
             m = read_metrics(url)
             out[name]["prefill_passes_mean"] = (m["lckv_prefill_passes_sum"] / m["lckv_prefill_passes_count"]
                                                 if m.get("lckv_prefill_passes_count") else None)
@@ -252,11 +263,12 @@ def chat_part(specs: dict, text_path: Path, args) -> dict:
                   + f"; hit rate {out[name]['prefix_cache_hit_rate']:.2f}", flush=True)
         finally:
             stop_process(proc, 60)
-    for name, r in out.items():
-        for t, v in r["per_turn"].items():
-            base = out["identity"]["per_turn"][t]["ttft"]["mean_ms"]
-            v["ttft_vs_identity"] = v["ttft"]["mean_ms"] / base if base else None
-    return out
+    for res in (out, light):
+        for name, r in res.items():
+            for t, v in r["per_turn"].items():
+                base = res["identity"]["per_turn"][t]["ttft"]["mean_ms"]
+                v["ttft_vs_identity"] = v["ttft"]["mean_ms"] / base if base else None
+    return out, light
 
 
 def main(argv=None) -> int:
@@ -268,6 +280,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--users", type=int, default=4)
+    ap.add_argument("--light-users", type=int, default=1, help="a second chat load at this many users (0: none)")
     ap.add_argument("--conversations", type=int, default=12)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--chat-kv-bytes", type=int, default=64 << 20)
@@ -333,14 +346,21 @@ def main(argv=None) -> int:
                   max_num_seqs=256, enforce_eager=True)
         report["blocks"] = blocks_part(specs, text, [L for L in lens if L >= 256], args.reps, kw, alloc)
     if "chat" in parts:
-        report["chat"] = chat_part(specs, held, args)
-        report["settings"]["chat"] = {"users": args.users, "conversations": args.conversations,
+        report["chat"], light = chat_part(specs, held, args)
+        if light:
+            report["chat_light"] = light
+        report["settings"]["chat"] = {"users": args.users, "light_users": args.light_users,
+                                      "conversations": args.conversations,
                                       "turns": args.turns, "max_tokens": 32, "kv_cache_bytes": args.chat_kv_bytes,
                                       "system_prompt_chars": 1200, "user_message_chars": 160}
     report["elapsed_s"] = round(time.time() - t0, 1)
     old = RESULTS / "prefill_tax.json"
     if old.exists() and parts != {"prefill", "loads", "blocks", "chat"}:  # a partial run keeps the other parts
-        report = {**json.loads(old.read_text()), **report}
+        before = json.loads(old.read_text())
+        settings = {**before.get("settings", {}), **report["settings"]}
+        report = {**before, **report, "settings": settings}
+        report["elapsed_s_by_parts"] = {**before.get("elapsed_s_by_parts", {}),
+                                        ",".join(sorted(parts)): report["elapsed_s"]}
     write_outputs(report)
     return 0
 
@@ -384,11 +404,15 @@ def write_outputs(report: dict) -> None:
                 lines.append(f"| {label} | " + " | ".join(
                     f"{cell[n]['output_tok_s']:.0f} ({cell[n]['vs_llama']:.2f}x)" for n in ENGINES) + " |")
             lines.append("")
-    if "chat" in report:
-        c = report["chat"]
+    chat_users = report.get("settings", {}).get("chat", {})
+    for key, title in (("chat", f"{chat_users.get('users', 4)} users at once"),
+                       ("chat_light", f"{chat_users.get('light_users', 1)} user, light load")):
+        if key not in report:
+            continue
+        c = report[key]
         turns = list(next(iter(c.values()))["per_turn"])
-        lines += ["**Served multi-turn chat** (TTFT mean ms per turn, ratio to identity; prefix-cache hit rate; "
-                  "TPOT)", "", "| engine | " + " | ".join(f"turn {t}" for t in turns) +
+        lines += [f"**Served multi-turn chat, {title}** (TTFT mean ms per turn, ratio to identity; prefix-cache hit "
+                  "rate; TPOT)", "", "| engine | " + " | ".join(f"turn {t}" for t in turns) +
                   " | hit rate | TPOT ms | output tok/s |", "| --- |" + " ---: |" * (len(turns) + 3)]
         for name, r in c.items():
             lines.append(f"| {name} | " + " | ".join(

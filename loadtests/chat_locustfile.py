@@ -9,10 +9,11 @@ Each simulated user holds one conversation at a time: LCKV_CHAT_TURNS turns of s
 `ignore_eos`, LCKV_CHAT_MAX_TOKENS tokens each), then starts the next one, until LCKV_CHAT_CONVERSATIONS conversations
 have started.  Texts are slices of LCKV_CHAT_TEXT (a text file): the system prompt is its first
 LCKV_CHAT_SYSTEM_CHARS characters, user messages are later slices of LCKV_CHAT_USER_CHARS characters, distinct per
-conversation and turn.  Per turn it records TTFT, TPOT, E2EL, prompt tokens and the prompt tokens the server took
-from its prefix cache (`usage.prompt_tokens_details.cached_tokens`, lckv-serve's OpenAI field); at the end it writes
-per-turn and overall statistics to LCKV_LOAD_OUT (JSON).  Loopback hosts only; bounded by the conversation count and
-`--run-time`.  Run through benchmarks/prefill_tax.py.
+conversation and turn (from conversation index LCKV_CHAT_FIRST_CONVERSATION on, default 0).  Per turn it records
+TTFT, TPOT, E2EL, prompt tokens and the prompt tokens the server took from its prefix cache
+(`usage.prompt_tokens_details.cached_tokens`, lckv-serve's OpenAI field); at the end it writes per-turn and overall
+statistics to LCKV_LOAD_OUT (JSON).  Loopback hosts only; bounded by the conversation count and `--run-time`.  Run
+through benchmarks/prefill_tax.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ CONVERSATIONS = int(os.environ.get("LCKV_CHAT_CONVERSATIONS", "12"))
 MAX_TOKENS = int(os.environ.get("LCKV_CHAT_MAX_TOKENS", "32"))
 SYSTEM_CHARS = int(os.environ.get("LCKV_CHAT_SYSTEM_CHARS", "1200"))
 USER_CHARS = int(os.environ.get("LCKV_CHAT_USER_CHARS", "160"))
+# index of the first conversation's text: a second load on the same server takes texts its cache has not seen
+FIRST = int(os.environ.get("LCKV_CHAT_FIRST_CONVERSATION", "0"))
 
 _lock = threading.Lock()
 _started = 0
@@ -52,12 +55,12 @@ def _check(environment, **_):
     host = urlparse(environment.host or "").hostname
     if host not in LOOPBACK:
         raise SystemExit(f"chat_locustfile: refusing to load-test {environment.host!r}: loopback hosts only")
-    if len(TEXT) < SYSTEM_CHARS + CONVERSATIONS * TURNS * USER_CHARS:
+    if len(TEXT) < SYSTEM_CHARS + (FIRST + CONVERSATIONS) * TURNS * USER_CHARS:
         raise SystemExit("chat_locustfile: LCKV_CHAT_TEXT is too short for the conversations asked for")
 
 
 def _user_message(conversation: int, turn: int) -> str:
-    at = SYSTEM_CHARS + (conversation * TURNS + turn) * USER_CHARS
+    at = SYSTEM_CHARS + ((FIRST + conversation) * TURNS + turn) * USER_CHARS
     return "\n\nUSER.\n" + TEXT[at:at + USER_CHARS] + "\n\nASSISTANT.\n"
 
 
