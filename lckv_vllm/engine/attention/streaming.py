@@ -11,7 +11,9 @@ Rotary at read time (docs/semantics.md, "Streaming"): a sink key j is rotated at
 t - shift(t); a window key j is rotated at j - c and read by the query rotated at t - c, where c is one per sequence
 (the shift of its last query): the window score depends only on t - j, so one rotated copy of the window serves every
 query of the step.  Both scores come out of one SDPA call by putting them in separate halves of a doubled head:
-q' = [q_sink | q_window], k' = [k_sink | 0] for sinks and [0 | k_window] for window keys.  Angles are computed in
+q' = [q_sink | q_window], k' = [k_sink | 0] for sinks and [0 | k_window] for window keys.  Where the two query
+rotations coincide for every query of the step (decode steps: the last query's shift is c; sequences still within
+sinks + window: no shift), one head of the model's size serves both (`one_frame`): the common case of a stream.  Angles are computed in
 float64 from the model's RoPE frequencies; none exceeds S + W + the step's query length.
 
 Consecutive layers reading the same producer share one gathered, rotated copy while no pages changed
@@ -59,20 +61,30 @@ class StreamingRead:
         else:
             kv = slots.view(slots.shape[0], -1).index_select(0, idx.k_slot_flat).view(idx.B, idx.K, Hk, 2 * D)
             k = _rotate(kv[..., :D].to(q.dtype), *idx.trig("k", q.dtype))  # [B, K, Hk, D]
-            zero = torch.zeros_like(k)
-            sink = idx.is_sink[:, :, None, None]
-            k2 = torch.cat([torch.where(sink, k, zero), torch.where(sink, zero, k)], -1).transpose(1, 2)
+            if idx.one_frame:
+                k2 = k.transpose(1, 2)
+            else:
+                zero = torch.zeros_like(k)
+                sink = idx.is_sink[:, :, None, None]
+                k2 = torch.cat([torch.where(sink, k, zero), torch.where(sink, zero, k)], -1).transpose(1, 2)
             v = kv[..., D:].to(q.dtype).transpose(1, 2)  # [B, Hk, K, D]
             step.gathered = (key, (k2, v))
-        qp = q.new_zeros(idx.B, idx.Q, Hq, D)
-        qp[idx.q_valid] = q
-        q2 = torch.cat([_rotate(qp, *idx.trig("q_sink", q.dtype)), _rotate(qp, *idx.trig("q_window", q.dtype))], -1)
+        if idx.dense:  # one query per sequence, in order: no padding to scatter into
+            qp = q.view(idx.B, 1, Hq, D)
+        else:
+            qp = q.new_zeros(idx.B, idx.Q, Hq, D)
+            qp[idx.q_valid] = q
+        if idx.one_frame:
+            q2 = _rotate(qp, *idx.trig("q_window", q.dtype))
+        else:
+            q2 = torch.cat([_rotate(qp, *idx.trig("q_sink", q.dtype)), _rotate(qp, *idx.trig("q_window", q.dtype))],
+                           -1)
         vis, has_key = idx.mask(strict)
         o = F.scaled_dot_product_attention(q2.transpose(1, 2), k2, v, attn_mask=vis, scale=scale,
                                            enable_gqa=Hq != Hk).transpose(1, 2)  # [B, Q, Hq, D]
         if has_key is not None:  # a query that sees no key outputs exactly 0 (a strict row at position 0)
             o = torch.where(has_key[:, :, None, None], o, 0.0)
-        out.copy_(o[idx.q_valid])
+        out.copy_(o.reshape(T, Hq, D) if idx.dense else o[idx.q_valid])
         return out
 
 
@@ -120,6 +132,11 @@ class _StreamIndex:
             "q_window": qpos - c,
             "q_sink": qpos - (qpos - (s.span - 1)).clamp(min=0),
         }
+        # One rotary frame: where every query's own shift is its sequence's c (decode rows: the last query is the
+        # only one; sequences within sinks + window: no shift at all), the sink half of a query is rotated as its
+        # window half, so one head of D carries both scores and the doubled head is not needed.
+        self.one_frame = bool(((self._pos["q_sink"] == self._pos["q_window"]) | ~q_valid).all())
+        self.dense = Q == 1 and bool(q_valid.all())
         self._inv_freq = read.inv_freq
         self._trig: dict = {}
         self._device = device
