@@ -49,7 +49,9 @@ DEEP = ROOT / "models" / "deep"
 BLOCK = 32  # vLLM's CPU attention (the Llama baseline) wants a multiple of 32
 FIXED_ENV = {"LCKV_CHUNKED_PREFILL": "0", "LCKV_PREFILL_TOL": "0"}
 ENGINES = ("llama", "identity", "lckv-fixed", "lckv")
-LIGHT_FIRST = 1000  # the light chat load's first conversation text (the main load's are 0..conversations-1)
+# conversation text indices: the main chat load takes 0..conversations-1, the light load LIGHT_FIRST on, the
+# warm-up conversation WARM_FIRST (none of them seen by the server before it is measured)
+LIGHT_FIRST, WARM_FIRST = 100, 200
 
 
 def engine_specs() -> dict:
@@ -80,6 +82,16 @@ class Text:
         out = self.ids[self.at:self.at + n]
         self.at += n
         return out
+
+
+def _held_out_loss(model: Path) -> float | None:
+    """The trained checkpoint's held-out loss (train_report.json): which training run a result comes from (the
+    deep pair is rebuilt by train_deep.py, and runs of the same recipe differ a little)."""
+    for d in (model, DEEP / "identity"):  # vLLM's Llama is exported from the identity twin
+        report = d / "train_report.json"
+        if report.exists():
+            return json.loads(report.read_text()).get("held_out_loss")
+    return None
 
 
 def _prefill_stats(e):
@@ -236,7 +248,8 @@ def chat_part(specs: dict, text_path: Path, args) -> dict:
                             LCKV_CHAT_TURNS=str(args.turns), LCKV_CHAT_CONVERSATIONS=str(args.conversations),
                             LCKV_CHAT_MAX_TOKENS="32")
             # one warm-up conversation first (not measured), so first-call costs stay out
-            warm = dict(load_env, LCKV_CHAT_CONVERSATIONS="1", LCKV_LOAD_OUT=str(work / "warm.json"))
+            warm = dict(load_env, LCKV_CHAT_CONVERSATIONS="1", LCKV_LOAD_OUT=str(work / "warm.json"),
+                        LCKV_CHAT_FIRST_CONVERSATION=str(WARM_FIRST))
             locust = [str(bin_dir / "locust"), "-f", str(ROOT / "loadtests" / "chat_locustfile.py"), "--headless",
                       "-H", url, "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING"]
             subprocess.run(locust + ["-u", "1", "-r", "1", "-t", "120s"], env=warm, check=False,
@@ -313,7 +326,8 @@ def main(argv=None) -> int:
     report = {"machine": machine(), "command": "python benchmarks/prefill_tax.py " + " ".join(argv or sys.argv[1:]),
               "settings": {"dtype": "float32", "block_size": BLOCK, "eager": True, "max_model_len": max_len,
                            "max_num_batched_tokens": max_len, "kv_allocation_bytes": alloc,
-                           "budgets": budgets, "engines": {n: {"checkpoint": str(p.relative_to(ROOT)), "env": e}
+                           "budgets": budgets, "engines": {n: {"checkpoint": str(p.relative_to(ROOT)), "env": e,
+                                                              "held_out_loss": _held_out_loss(p)}
                                                           for n, (p, e) in specs.items()}}}
     t0 = time.time()
     if parts & {"prefill", "loads"}:
