@@ -13,8 +13,8 @@ t - shift(t); a window key j is rotated at j - c and read by the query rotated a
 query of the step.  Both scores come out of one SDPA call by putting them in separate halves of a doubled head:
 q' = [q_sink | q_window], k' = [k_sink | 0] for sinks and [0 | k_window] for window keys.  Where the two query
 rotations coincide for every query of the step (decode steps: the last query's shift is c; sequences still within
-sinks + window: no shift), one head of the model's size serves both (`one_frame`): the common case of a stream.  Angles are computed in
-float64 from the model's RoPE frequencies; none exceeds S + W + the step's query length.
+sinks + window: no shift), one head of the model's size serves both (`one_frame`): the common case of a stream.
+Angles are computed in float64 from the model's RoPE frequencies; none exceeds S + W + the step's query length.
 
 Consecutive layers reading the same producer share one gathered, rotated copy while no pages changed
 (`LCKVStep.kv_version`), as in the torch path.
