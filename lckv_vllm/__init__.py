@@ -27,9 +27,8 @@ def register() -> None:
     _registered = True
 
     import vllm
-    from transformers import AutoConfig
 
-    from .config import ARCHITECTURE, MODEL_TYPE, LCKVLlamaConfig
+    from .config import ARCHITECTURE, register_hf_config
 
     version = getattr(vllm, "__version__", "unknown")
     if not version.startswith(SUPPORTED_VLLM + "."):
@@ -40,10 +39,7 @@ def register() -> None:
             version,
         )
 
-    try:
-        AutoConfig.register(MODEL_TYPE, LCKVLlamaConfig)
-    except ValueError:  # already registered in this process (exist_ok differs across transformers versions)
-        pass
+    register_hf_config()
 
     from vllm import ModelRegistry
 

@@ -82,3 +82,15 @@ def _as_string(layer_types) -> str:
     if isinstance(layer_types, (list, tuple)):
         return "_".join(str(x) for x in layer_types)
     return layer_types
+
+
+def register_hf_config() -> None:
+    """Teach transformers' `AutoConfig` the `lckv-llama` model type, and nothing else (no vLLM import): enough for
+    `AutoConfig` and `AutoTokenizer.from_pretrained(checkpoint_dir)`, which reads config.json first.  `register()`
+    does this too, plus the vLLM parts.  Idempotent."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.register(MODEL_TYPE, LCKVLlamaConfig)
+    except ValueError:  # already registered in this process (exist_ok differs across transformers versions)
+        pass

@@ -134,7 +134,37 @@ def write_tokenizer(out: Path, source: str | Path | None = None) -> int:
         return 32000
     from transformers import AutoTokenizer
 
+    from ..config import register_hf_config
+
+    register_hf_config()  # `source` may be an LCKV checkpoint: AutoTokenizer reads its config.json first
     return len(AutoTokenizer.from_pretrained(str(src)))
+
+
+# The files a tokenizer is saved as (transformers' TokenizersBackend / SentencePiece / slow BPE names).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+
+
+def export_tokenizer(src: str | Path, out: str | Path) -> Path:
+    """Copy a checkpoint's tokenizer files (no config.json) into `out`: a folder that stock `AutoTokenizer` loads
+    without the plugin.  (In a checkpoint folder, `AutoTokenizer` reads config.json before tokenizer_config.json,
+    and stock transformers cannot parse `model_type: "lckv-llama"` with its string `layer_types`.)"""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ValueError(f"{src}: not a directory")
+    if not (src / "tokenizer.json").exists() and not (src / "tokenizer.model").exists():
+        raise ValueError(f"{src}: holds no tokenizer (no tokenizer.json / tokenizer.model)")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"{out}: the output must be another folder than the checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "config.json").exists():
+        raise ValueError(f"{out}: holds a config.json, which AutoTokenizer would read first; choose an empty folder")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    if (src / "additional_chat_templates").is_dir():
+        shutil.copytree(src / "additional_chat_templates", out / "additional_chat_templates", dirs_exist_ok=True)
+    return out
 
 
 def hf_config_dict(spec: ModelSpec, vocab_size: int) -> dict:
