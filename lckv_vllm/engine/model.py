@@ -38,7 +38,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.llama import LlamaMLP
-from vllm.model_executor.models.utils import PPMissingLayer
+from vllm.model_executor.models.utils import PPMissingLayer, maybe_prefix
 from vllm.sequence import IntermediateTensors
 from vllm.utils.torch_utils import direct_register_custom_op
 
@@ -363,8 +363,11 @@ class LCKVModel(nn.Module):
         # the step's metadata is looked up under one of this stage's producers (every stage has one)
         self.step_layer = _attn_name(prefix, next(p for p in self.plan.producers
                                                   if self.start_layer <= p < self.end_layer))
-        # Re-encode preempted requests exactly (resume.py).  Acyclic plans are exact under any split anyway.
-        self.exact_recompute = self.plan.is_cyclic and self.settings.exact_recompute
+        # Re-encode preempted requests exactly (resume.py).  Acyclic plans are exact under any split anyway.  A
+        # speculative verify step is the same situation (k+1 tokens after the prompt in one step), so speculative
+        # decoding always takes the exact path: otherwise its output would depend on how many drafts were accepted.
+        self.exact_recompute = self.plan.is_cyclic and (self.settings.exact_recompute
+                                                        or vllm_config.speculative_config is not None)
         if self.exact_recompute:
             vp.install_prompt_lengths_hook()
         tp_reduce = tensor_model_parallel_all_reduce if get_tensor_model_parallel_world_size() > 1 else None
@@ -419,7 +422,7 @@ class LCKVModel(nn.Module):
             if connector is not None:
                 self._save_kv(connector, seg)
         if record is not None:
-            self.prefill.finish_step(step, record)
+            self.prefill.finish_step(step, record, resume.generated_only(step) if parts is not None else None)
         if not self.is_last_stage:
             return IntermediateTensors({"hidden_states": hidden})
         return self.norm(hidden)
@@ -478,13 +481,16 @@ class LCKVLlamaForCausalLM(nn.Module, SupportsPP):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.config = config
-        self.model = LCKVModel(vllm_config=vllm_config, prefix="model")
+        # `prefix` is where vLLM mounts this model ("" for the served model, "draft_model" for a speculative draft):
+        # layer names, and so the KV-sharing targets and metadata lookups, must carry it or two models collide
+        self.model = LCKVModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         self.plan = self.model.plan
         # Read by the model-runner hook (vllm_patches.py, item 4): publish each step's prompt lengths.
         self.lckv_needs_prompt_lens = self.model.exact_recompute
         if self.model.is_last_stage:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
-                                          quant_config=vllm_config.quant_config, prefix="lm_head")
+                                          quant_config=vllm_config.quant_config,
+                                          prefix=maybe_prefix(prefix, "lm_head"))
             if config.tie_word_embeddings:
                 self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         else:

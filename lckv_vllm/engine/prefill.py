@@ -95,6 +95,11 @@ class PrefillStats:
         self.recomputed_tokens = 0.0
         self.unconverged = 0  # prefills longer than m+b still moving more than the tolerance after m+b passes
         self.last_change: float | None = None  # the change measured by the last pass of the latest prefill
+        # requests whose tokens in a step were all generated ones, re-encoded one per sub-step (resume.py): the
+        # verify steps of speculative decoding, and the generated part of a request resumed after preemption;
+        # not prefills, so counted apart
+        self.reencoded = 0
+        self.reencoded_tokens = 0
         self._lock = threading.Lock()
 
     def record(self, passes: list[int], tokens: list[int], changes: list[float], unconverged: int,
@@ -109,12 +114,18 @@ class PrefillStats:
             if changes:
                 self.last_change = changes[-1]
 
+    def record_reencoded(self, tokens: list[int]) -> None:
+        with self._lock:
+            self.reencoded += len(tokens)
+            self.reencoded_tokens += sum(tokens)
+
     def snapshot(self) -> dict:
         with self._lock:
             return {"max_passes": self.max_passes, "tolerance": self.tolerance, "passes": list(self.passes),
                     "prefills": self.prefills,
                     "prefill_tokens": self.prefill_tokens, "recomputed_tokens": self.recomputed_tokens,
-                    "unconverged": self.unconverged, "last_change": self.last_change}
+                    "unconverged": self.unconverged, "last_change": self.last_change,
+                    "reencoded": self.reencoded, "reencoded_tokens": self.reencoded_tokens}
 
 
 class IterativePrefill:
@@ -309,12 +320,17 @@ class IterativePrefill:
         return out, used, last, rows_run
 
     # ---- telemetry -------------------------------------------------------------------------------------------------
-    def finish_step(self, step: LCKVStep, record: "_StepRecord") -> None:
-        """Record the prefills of the step (requests with more than one token in it)."""
+    def finish_step(self, step: LCKVStep, record: "_StepRecord", reencoded: torch.Tensor | None = None) -> None:
+        """Record the prefills of the step (requests with more than one token in it), except the requests in the
+        boolean mask `reencoded` (generated tokens only, re-encoded one by one: recorded apart)."""
         if not record.touched:
             return
         q_lens = step.query_lens_cpu
-        prefill = (q_lens > 1).nonzero().flatten()
+        multi = q_lens > 1
+        if reencoded is not None:
+            self.stats.record_reencoded(q_lens[reencoded & multi].tolist())
+            multi = multi & ~reencoded
+        prefill = multi.nonzero().flatten()
         if prefill.numel() == 0:
             return
         cap = self.plan.num_passes

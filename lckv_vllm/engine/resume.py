@@ -37,6 +37,13 @@ from ..plan import LayerPlan
 logger = logging.getLogger("lckv_vllm")
 
 
+def generated_only(step: LCKVStep) -> torch.Tensor:
+    """Per request of the step: True when every token it has in the step is a generated one (a speculative
+    verify step, or the tail of a resumed request), so not a prefill (telemetry)."""
+    prompt = torch.as_tensor(step.prompt_lens[: step.num_reqs]).long()
+    return step.context_lens_cpu >= prompt
+
+
 @dataclasses.dataclass
 class Part:
     """Some of the step's tokens (`rows`, indices into the step) with a sub-step describing just them."""

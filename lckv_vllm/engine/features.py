@@ -1,0 +1,367 @@
+"""The feature matrix: which vLLM switches work on which kind of LCKV plan, and the start-up guard built from it.
+
+A serving engine must never be silently wrong.  Every vLLM feature users reach for is a row here; every kind of plan
+a column; every cell says what the feature does on that kind of plan:
+
+* `exact`     works and gives what the feature gives on a plain model (tested against the reference or against the
+              feature switched off);
+* `bound`     works, with a stated difference (the note says which, and how large);
+* `untested`  plausible but never run by the suite (GPU-only paths, mostly): refused unless the user names the
+              feature in `LCKV_ALLOW_UNTESTED` (then served with a warning);
+* `refused`   known not to work on that plan: always refused.
+
+`check(vllm_config, plan, settings)` runs in the config hook (`engine/startup.py`), before any weight is read, and
+raises one `FeatureError` naming every refused switch, the plan and what to do instead.  Features chosen per
+request (beam search, n, logprobs, structured outputs) cannot be refused at start-up; their rows say what they mean
+and have no detector.  `markdown()` renders the matrix (`lckv-vllm features`); docs/features.md holds that table (a
+test keeps them equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..plan import LayerPlan
+from ..settings import ALLOW_UNTESTED_ENV, Settings
+
+PLAN_KINDS = ("cyclic", "acyclic", "identity", "windowed", "streaming")
+KIND_TITLES = {
+    "cyclic": "cyclic (LCKV)",
+    "acyclic": "acyclic sharing (CLA, YOCO)",
+    "identity": "identity (plain Llama)",
+    "windowed": "windowed pages",
+    "streaming": "StreamingLLM mode",
+}
+STATUSES = ("exact", "bound", "untested", "refused")
+_RANK = {s: k for k, s in enumerate(STATUSES)}  # a plan of several kinds gets the worst of its cells
+
+
+class FeatureError(ValueError):
+    """A vLLM feature the served plan does not support, named with what to do instead."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    status: str
+    note: str = ""
+
+    def __post_init__(self):
+        assert self.status in STATUSES, self.status
+
+
+@dataclass(frozen=True)
+class Feature:
+    key: str  # the name `LCKV_ALLOW_UNTESTED` uses
+    title: str  # as users know it (the switch)
+    cells: dict[str, Cell]
+    instead: str = ""  # what to do when refused
+    tests: str = ""  # where the suite covers it
+    # The user's setting when the feature is on in this config, else None.  None for per-request features.
+    detect: Callable[[object], str | None] | None = field(default=None, compare=False)
+
+    def cell(self, kind: str) -> Cell:
+        return self.cells[kind]
+
+
+def _all(status: str, note: str = "", **overrides: Cell) -> dict[str, Cell]:
+    cells = {k: Cell(status, note) for k in PLAN_KINDS}
+    cells.update(overrides)
+    return cells
+
+
+# ---- detectors: what the user switched on, read from vLLM's config (None: off) ------------------------------------
+def _kv_cache_dtype(cfg) -> str | None:
+    import torch
+
+    dtype = cfg.cache_config.cache_dtype
+    model = str(cfg.model_config.dtype).replace("torch.", "")
+    # naming the model's own dtype is the same as "auto"
+    if dtype == "auto" or dtype == model or (dtype == "float" and cfg.model_config.dtype == torch.float32):
+        return None
+    return f"kv_cache_dtype={dtype!r}"
+
+
+def _spec_method(cfg) -> str | None:
+    spec = cfg.speculative_config
+    return None if spec is None else str(spec.method)
+
+
+def _speculative(methods: tuple[str, ...] | None):
+    """Detector for speculative decoding with one of `methods` (None: any method not covered by another row)."""
+
+    def detect(cfg) -> str | None:
+        method = _spec_method(cfg)
+        if method is None:
+            return None
+        if methods is None:
+            if method in _SPEC_ROWS:
+                return None
+        elif method not in methods:
+            return None
+        return f"speculative_config method={method!r}"
+
+    return detect
+
+
+_SPEC_NGRAM = ("ngram", "ngram_gpu", "suffix")
+_SPEC_DRAFT = ("draft_model",)
+_SPEC_ROWS = _SPEC_NGRAM + _SPEC_DRAFT
+
+
+def _lora(cfg) -> str | None:
+    return None if cfg.lora_config is None else "enable_lora"
+
+
+def _quantization(cfg) -> str | None:
+    q = cfg.model_config.quantization
+    return None if q is None else f"quantization={q!r}"
+
+
+def _pooling(cfg) -> str | None:
+    mc = cfg.model_config
+    if mc.runner_type == "pooling" or mc.convert_type not in (None, "none"):
+        return f"runner={mc.runner_type!r} convert={mc.convert_type!r}"
+    return None
+
+
+def _sleep_mode(cfg) -> str | None:
+    return "enable_sleep_mode" if cfg.model_config.enable_sleep_mode else None
+
+
+def _data_parallel(cfg) -> str | None:
+    dp = cfg.parallel_config.data_parallel_size
+    return f"data_parallel_size={dp}" if dp > 1 else None
+
+
+def _tensor_parallel(cfg) -> str | None:
+    tp = cfg.parallel_config.tensor_parallel_size
+    return f"tensor_parallel_size={tp}" if tp > 1 else None
+
+
+def _pipeline_parallel(cfg) -> str | None:
+    pp = cfg.parallel_config.pipeline_parallel_size
+    return f"pipeline_parallel_size={pp}" if pp > 1 else None
+
+
+def _storage_connector(cfg) -> str | None:
+    kt = cfg.kv_transfer_config
+    return "kv_connector='LCKVStorageConnector'" if kt is not None and kt.kv_connector == "LCKVStorageConnector" else None
+
+
+def _storage_connector_tp(cfg) -> str | None:
+    on = _storage_connector(cfg)
+    return on and (tp := _tensor_parallel(cfg)) and f"{on} with {tp}"
+
+
+def _other_connector(cfg) -> str | None:
+    kt = cfg.kv_transfer_config
+    if kt is None or kt.kv_connector in (None, "LCKVStorageConnector"):
+        return None
+    return f"kv_connector={kt.kv_connector!r}"
+
+
+def _kv_offloading(cfg) -> str | None:
+    size = cfg.cache_config.kv_offloading_size
+    return f"kv_offloading_size={size}" if size else None
+
+
+def _fast_prefill(cfg) -> str | None:
+    return "kv_sharing_fast_prefill" if cfg.cache_config.kv_sharing_fast_prefill else None
+
+
+_NO_SPEC_STREAMING = Cell("refused", "verify steps in StreamingLLM mode are not covered by the suite")
+
+FEATURES: tuple[Feature, ...] = (
+    Feature(
+        "kv-cache-dtype", "`--kv-cache-dtype fp8` / `fp8_e4m3` / `fp8_e5m2` / any dtype other than the model's",
+        _all("refused", "the LCKV attention paths store pages in the model dtype only; fp8 pages are not implemented"),
+        instead="serve with --kv-cache-dtype auto (pages in the model dtype)",
+        tests="tests/test_features.py", detect=_kv_cache_dtype),
+    Feature(
+        "spec-ngram", "speculative decoding: `ngram`, `suffix` (`--speculative-config`)",
+        _all("exact", "verify tokens are encoded one per sub-step, as decode would: greedy output equals plain "
+                      "decoding", streaming=_NO_SPEC_STREAMING,
+             cyclic=Cell("exact", "the k+1 verify tokens are encoded one after another (k+1 runs of the cyclic "
+                                  "segment per verify step), whatever LCKV_EXACT_RECOMPUTE says: exact, but little "
+                                  "to gain on cyclic plans")),
+        instead="serve without --speculative-config", tests="tests/test_features.py",
+        detect=_speculative(_SPEC_NGRAM)),
+    Feature(
+        "spec-draft-model", "speculative decoding: `draft_model` (an LCKV checkpoint may be the draft too)",
+        _all("exact", "the target verifies as with ngram; an LCKV draft of any plan only proposes tokens",
+             windowed=Cell("untested", "draft-model speculation runs in the suite on cyclic, acyclic and identity "
+                                       "targets only"),
+             streaming=_NO_SPEC_STREAMING),
+        instead="use method 'ngram', or serve without --speculative-config", tests="tests/test_features.py",
+        detect=_speculative(_SPEC_DRAFT)),
+    Feature(
+        "spec-other", "speculative decoding: EAGLE, EAGLE3, MTP, Medusa, MLP speculator, DFlash, custom",
+        _all("refused", "the LCKV model exposes no auxiliary hidden states and has no MTP layers"),
+        instead="use method 'ngram', or serve without --speculative-config", detect=_speculative(None)),
+    Feature(
+        "lora", "LoRA adapters (`--enable-lora`)",
+        _all("refused", "the LCKV model does not implement vLLM's LoRA interface yet"),
+        instead="merge the adapter into the weights and serve the merged checkpoint", detect=_lora),
+    Feature(
+        "quantization", "weight quantization (`--quantization ...`, quantized checkpoints)",
+        _all("refused", "the weight loader maps unquantized Llama weights only; quantized layouts are not tested"),
+        instead="serve an unquantized checkpoint", detect=_quantization),
+    Feature(
+        "structured-outputs", "structured outputs (guided JSON / regex / choice; per request)",
+        _all("exact", "constrains sampling only; the model computes the same logits"),
+        tests="tests/test_features.py"),
+    Feature(
+        "beam-search", "beam search (per request)",
+        _all("exact", "each beam step re-submits the beam as a prompt (vLLM's beam search)",
+             cyclic=Cell("bound", "each beam step encodes the beam as a prompt over the prefix cache, iteratively, "
+                                  "not token by token as decode would: beam_width=1 equals greedy decoding within "
+                                  "the prefill tolerance (exactly with LCKV_CHUNKED_PREFILL=0 LCKV_PREFILL_TOL=0 "
+                                  "only for prompts within m+b tokens)")),
+        tests="tests/test_features.py"),
+    Feature(
+        "n", "`n > 1` parallel sampling (per request)",
+        _all("exact", "every sample shares the prompt's encoding"), tests="tests/test_features.py"),
+    Feature(
+        "logprobs", "`logprobs` and `prompt_logprobs` (per request)",
+        _all("exact", "", cyclic=Cell("bound", "prompt logprobs come from the iterative prompt encoding (adaptive "
+                                               "passes: within the prefill tolerance of m+b passes)")),
+        tests="tests/test_features.py, tests/test_prefill.py"),
+    Feature(
+        "prefix-caching", "prefix caching (`--enable-prefix-caching`, on by default)",
+        _all("exact", "", cyclic=Cell("bound", "a cached prefix is read as final and the rest encoded on top of it "
+                                               "(chunk-by-chunk semantics); LCKV_CHUNKED_PREFILL=0 turns it off"),
+             streaming=Cell("bound", "turned off at start-up (a hit would need the sink pages too)")),
+        tests="tests/test_prefill.py, tests/test_streaming.py"),
+    Feature(
+        "chunked-prefill", "chunked prefill (`--enable-chunked-prefill`, on by default)",
+        _all("exact", "", cyclic=Cell("bound", "each chunk is encoded iteratively on top of the earlier, final "
+                                               "ones; LCKV_CHUNKED_PREFILL=0 forces whole-prompt prefill")),
+        tests="tests/test_prefill.py"),
+    Feature(
+        "pooling", "pooling / embeddings (`--runner pooling`, `--convert embed`, `LLM.embed`)",
+        _all("refused", "the pooled vectors of an LCKV plan are not checked against a reference"),
+        instead="serve the model for generation", detect=_pooling),
+    Feature(
+        "sleep-mode", "sleep mode (`--enable-sleep-mode`)",
+        _all("untested", "vLLM's sleep mode runs on CUDA only; never run with an LCKV plan"),
+        instead="serve without --enable-sleep-mode", detect=_sleep_mode),
+    Feature(
+        "compile", "torch.compile (the CPU default) and CUDA graphs",
+        _all("exact", "CPU: vLLM's torch.compile compiles the same segment units on every plan (the suite compiles a "
+                      "cyclic plan); GPU: the config hook sets enforce_eager (no CUDA graphs: graph capture of the "
+                      "iterative prefill is untested)"),
+        tests="tests/test_engine.py"),
+    Feature(
+        "tensor-parallel", "tensor parallel (`--tensor-parallel-size`)",
+        _all("exact", windowed=Cell("untested", "the suite runs tensor parallel on cyclic and acyclic plans only"),
+             streaming=Cell("untested", "the suite runs tensor parallel on cyclic and acyclic plans only")),
+        instead="serve on one rank", tests="tests/test_parallel.py", detect=_tensor_parallel),
+    Feature(
+        "pipeline-parallel", "pipeline parallel (`--pipeline-parallel-size`)",
+        _all("exact", "stages are cut only where no reader is separated from its producer",
+             windowed=Cell("untested", "the suite runs pipeline parallel on cyclic and acyclic plans only"),
+             streaming=Cell("untested", "the suite runs pipeline parallel on cyclic and acyclic plans only")),
+        instead="serve on one rank", tests="tests/test_parallel.py", detect=_pipeline_parallel),
+    Feature(
+        "data-parallel", "data parallel (`--data-parallel-size`)",
+        _all("untested", "replicas of the whole engine; checked by hand once, not in the suite"),
+        instead="run one server per replica behind a load balancer", detect=_data_parallel),
+    Feature(
+        "kv-connector", "KV connector `LCKVStorageConnector` (prefill/decode disaggregation)",
+        _all("exact", "only producer pages move",
+             windowed=Cell("refused", "the connector moves one KV-cache group; windowed pages make several"),
+             streaming=Cell("refused", "the connector does not move sink + window pages")),
+        instead="serve with LCKV_WINDOWED_PAGES=0, or without lckv_streaming, on both instances",
+        tests="tests/test_kv_transfer.py", detect=_storage_connector),
+    Feature(
+        "kv-connector-tp", "`LCKVStorageConnector` with tensor parallel",
+        _all("refused", "every rank would write the same files"), instead="one rank per instance",
+        tests="tests/test_features.py", detect=_storage_connector_tp),
+    Feature(
+        "kv-connector-other", "other KV connectors (NIXL, LMCache, offloading, ...)",
+        _all("untested", "they move the KV tensors vLLM registered (producers only); GPU-only, not in the suite"),
+        instead="use LCKVStorageConnector (lckv_vllm.engine.connector)", detect=_other_connector),
+    Feature(
+        "kv-offloading", "KV offloading to CPU memory (`--kv-offloading-size`)",
+        _all("untested", "not in the suite"), instead="serve without --kv-offloading-size", detect=_kv_offloading),
+    Feature(
+        "kv-sharing-fast-prefill", "`--kv-sharing-fast-prefill`",
+        _all("refused", "vLLM's shortcut skips the prefill of layers that share KV; LCKV layers read K/V the "
+                        "prefill passes still compute"),
+        instead="serve without --kv-sharing-fast-prefill", detect=_fast_prefill),
+)
+BY_KEY = {f.key: f for f in FEATURES}
+
+
+def plan_kinds(plan: LayerPlan, settings: Settings) -> tuple[str, ...]:
+    """The matrix columns that describe `plan` as served: one of cyclic / acyclic / identity, plus windowed pages
+    and StreamingLLM mode where they apply."""
+    kinds = ["cyclic" if plan.is_cyclic else "identity" if plan.is_identity else "acyclic"]
+    if plan.streaming is not None:
+        kinds.append("streaming")
+    elif settings.windowed_pages and plan.windowed_producers:
+        kinds.append("windowed")
+    return tuple(kinds)
+
+
+def cell_for(feature: Feature, kinds: tuple[str, ...]) -> Cell:
+    """The worst cell of `feature` over the plan's kinds."""
+    return max((feature.cell(k) for k in kinds), key=lambda c: _RANK[c.status])
+
+
+def check(vllm_config, plan: LayerPlan, settings: Settings, log=None) -> None:
+    """Refuse (FeatureError) every switched-on feature the plan does not support; warn about allowed untested
+    ones.  Runs before any weight is read."""
+    unknown = sorted(set(settings.allow_untested) - set(BY_KEY))
+    if unknown:
+        raise FeatureError(f"{ALLOW_UNTESTED_ENV}: unknown feature key(s) {', '.join(unknown)}; known: "
+                           + ", ".join(f.key for f in FEATURES if "untested" in {c.status for c in f.cells.values()}))
+    kinds = plan_kinds(plan, settings)
+    refused = []
+    for f in FEATURES:
+        if f.detect is None:
+            continue
+        setting = f.detect(vllm_config)
+        if setting is None:
+            continue
+        cell = cell_for(f, kinds)
+        if cell.status == "untested" and f.key in settings.allow_untested:
+            if log is not None:
+                log.warning("LCKV: %s on a %s plan is untested (%s); served because %s names %r",
+                            setting, "/".join(kinds), cell.note, ALLOW_UNTESTED_ENV, f.key)
+            continue
+        if cell.status in ("untested", "refused"):
+            line = f"{setting}: {cell.note}; instead: {f.instead}"
+            if cell.status == "untested":
+                line += f" (or set {ALLOW_UNTESTED_ENV}={f.key} to try it)"
+            refused.append(line)
+    if refused:
+        raise FeatureError(
+            f"LCKV plan {plan.layer_types} ({'/'.join(kinds)}) does not support "
+            f"{'this vLLM feature' if len(refused) == 1 else 'these vLLM features'} (docs/features.md):\n  - "
+            + "\n  - ".join(refused))
+
+
+_MARK = {"exact": "works", "bound": "works, bound", "untested": "untested (refused)", "refused": "**refused**"}
+
+
+def markdown() -> str:
+    """The matrix as markdown: the table, its numbered notes, and per feature what to do instead and where the suite
+    covers it (docs/features.md holds it verbatim; a test keeps them equal)."""
+    lines = ["| feature | " + " | ".join(KIND_TITLES[k] for k in PLAN_KINDS) + " |",
+             "| --- |" + " --- |" * len(PLAN_KINDS)]
+    notes: dict[str, int] = {}
+    for f in FEATURES:
+        row = []
+        for k in PLAN_KINDS:
+            c = f.cell(k)
+            row.append(_MARK[c.status] + (f" [{notes.setdefault(c.note, len(notes) + 1)}]" if c.note else ""))
+        lines.append(f"| {f.title} | " + " | ".join(row) + " |")
+    lines += ["", "Notes:", ""] + [f"{n}. {note}" for note, n in notes.items()]
+    lines += ["", "| key (`LCKV_ALLOW_UNTESTED`) | checked at start-up | when refused, instead | covered by |",
+              "| --- | --- | --- | --- |"]
+    for f in FEATURES:
+        lines.append(f"| `{f.key}` | {'yes' if f.detect else 'no (per request)'} | {f.instead or '-'} | "
+                     f"{f.tests or '-'} |")
+    return "\n".join(lines) + "\n"
