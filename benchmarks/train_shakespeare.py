@@ -76,12 +76,18 @@ def run(cmd: list[str]) -> None:
     subprocess.run([str(c) for c in cmd], check=True)
 
 
-def train_all(args, train_txt: Path, held_txt: Path) -> dict:
+def base(train_txt: Path) -> Path:
+    """The tokenizer and the seeded initialisation every run starts from (made once): the init's directory."""
     tok, init = WORK / "tokenizer", WORK / "init"
     if not (tok / "tokenizer.json").exists():
         run(CLI + ["make-tokenizer", "--text", train_txt, "--vocab-size", "4096", "--out", tok])
     if not (init / "config.json").exists():
         run(CLI + ["make-model", "--layer-types", "0_1_2_3_4_5", *SHAPE, "--tokenizer", tok, "--out", init])
+    return init
+
+
+def train_all(args, train_txt: Path, held_txt: Path) -> dict:
+    init = base(train_txt)
     reports = {}
     for name, extra in RUNS.items():
         out = WORK / name

@@ -23,6 +23,15 @@ def test_plan_string_and_dir(model_dir):
     assert r.returncode == 0 and "force_nodiag: True" in r.stdout
 
 
+def test_plan_dir_lists_the_deploy_patterns(model_dir):
+    """Keep every k-th layer, k = 1..4: an identity checkpoint can be served with each (issue 29)."""
+    r = run("plan", str(model_dir("tiny-identity")))
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split("deploy-time patterns", 1)[1]
+    for name in ("checkpoint (= identity)", "cla-2", "cla-3", "cla-4"):
+        assert name in listed, listed
+
+
 def test_plan_errors_name_the_entry():
     r = run("plan", "0_4_4_x_4_5")
     assert r.returncode == 2 and "entry 3 is 'x'" in r.stderr

@@ -138,8 +138,9 @@ class TrainableLCKV(nn.Module):
 
 
 def sample_routing(num_layers: int, p: float, rng: random.Random) -> list[int]:
-    """Random cross-layer routing: each layer reads its own K/V, or with probability `p` a uniformly chosen
-    preceding layer's (layer 0 always its own)."""
+    """Random cross-layer routing: each layer i > 0 independently reads, with probability `p`, the K/V of a layer
+    drawn uniformly from 0..i-1, else its own (layer 0 always its own).  `train` draws one per training step: one
+    forward pass, the same routing for the whole batch."""
     return [rng.randrange(i) if i > 0 and rng.random() < p else i for i in range(num_layers)]
 
 
@@ -228,6 +229,9 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    # routing draws from a generator of its own, so a routed run trains on exactly the windows an unrouted run with
+    # the same seed sees (comparisons at equal tokens)
+    route_rng = random.Random(f"routing-{seed}")
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     plan = LayerPlan.parse(layer_types or cfg["layer_types"], cfg["num_hidden_layers"],
                            forward_passes=cfg.get("forward_passes", 7), backward_passes=cfg.get("backward_passes", 2),
@@ -268,6 +272,8 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         rng.setstate(state["rng"])
+        if "route_rng" in state:
+            route_rng.setstate(state["route_rng"])
         torch.set_rng_state(state["torch_rng"])
         first, history = state["step"], state["history"]
     windows = held[: (len(held) // seq_len) * seq_len].view(-1, seq_len)[:8].to(device)
@@ -279,7 +285,8 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
 
     def save_state(step: int) -> None:
         _save_state(state_path, step=step, hparams=hparams, model=model.state_dict(), opt=opt.state_dict(),
-                    rng=rng.getstate(), torch_rng=torch.get_rng_state(), history=history)
+                    rng=rng.getstate(), route_rng=route_rng.getstate(), torch_rng=torch.get_rng_state(),
+                    history=history)
 
     bar = None
     if progress:
@@ -293,7 +300,7 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
             group["lr"] = cosine_lr(step, steps, warmup, lr)
         starts = [rng.randrange(len(train_ids) - seq_len) for _ in range(batch)]
         tokens = torch.stack([train_ids[s:s + seq_len] for s in starts]).to(device)
-        routing = sample_routing(plan.num_layers, route_prob, rng) if route_prob > 0 else None
+        routing = sample_routing(plan.num_layers, route_prob, route_rng) if route_prob > 0 else None
         loss = train_step(model, opt, tokens, routing)
         entry = {"step": step + 1, "loss": loss}
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
