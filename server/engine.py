@@ -144,6 +144,25 @@ class EngineFrontend:
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
         return text, await self.encode(text, add_special_tokens=False)
 
+    # ---- structured outputs --------------------------------------------------------------------------------------
+    async def check_structured_outputs(self, structured) -> None:
+        """Validate a structured-output constraint (vLLM's `StructuredOutputsParams`) as the engine's input
+        processor will: `SamplingParams.verify` with the engine's structured-output configuration, which has the
+        configured backend compile the schema.  Raises vLLM's VLLMValidationError (or ValueError) when the backend
+        cannot use it.  Runs on a copy (the check records the backend it chose) and off the event loop (compiling a
+        large schema takes a while)."""
+        import copy
+
+        from vllm import SamplingParams
+
+        vc = self.engine.vllm_config
+        config = getattr(vc, "structured_outputs_config", None)
+        if config is None:  # a stand-in engine (tests)
+            return
+        probe = SamplingParams(max_tokens=1, structured_outputs=copy.deepcopy(structured))
+        await self._in_pool(probe.verify, self.engine.model_config, getattr(vc, "speculative_config", None), config,
+                            self.tokenizer)
+
     # ---- admission -----------------------------------------------------------------------------------------------
     def admit(self, sequences: int) -> None:
         """Reserve `sequences` slots or refuse with 503 (the caller must `release` them)."""

@@ -3,8 +3,10 @@
 Requests validate everything that can be checked without the model (types, ranges, empty prompts); what needs the
 model (context length, vocabulary, the engine's logprob limit) is checked in `serving.py`.  Unknown fields are
 ignored, as OpenAI-compatible servers commonly do, so clients that send newer fields keep working; fields we cannot
-honour (`suffix`, `tools`, non-text `response_format`, ...) are declared so that asking for them is an error rather
-than being silently dropped.
+honour (`suffix`, `tools`, ...) are declared so that asking for them is an error rather than being silently dropped.
+`response_format` is checked here as far as it can be without the engine (its shape, and that a `json_schema`'s
+schema is a valid JSON Schema); whether the structured-output backend can compile the schema is asked of the engine
+in `serving.py`.
 
 Requests are validated strictly, from the JSON text (`model_validate_json`): a field declared as an integer takes a
 JSON integer only (not `true`, `2.5` or `"2"`), a boolean only `true`/`false`, a string only a string.  What the
@@ -56,6 +58,79 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+MAX_SCHEMA_NESTING = 64  # vLLM's MAX_STRUCTURED_OUTPUT_JSON_NESTING: objects and arrays in a JSON Schema
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def _nesting_exceeds(node: Any, limit: int) -> bool:
+    level = [node]
+    for _ in range(limit):
+        level = [c for n in level for c in (n.values() if isinstance(n, dict) else n) if isinstance(c, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+class JsonSchemaSpec(_Request):
+    """`response_format.json_schema` (OpenAI's shape): the schema the generated text must follow."""
+
+    name: str
+    description: str | None = None
+    # `schema` is a BaseModel attribute, hence the alias; the request's field is `schema`.
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # accepted; the backend always enforces the schema (constrained decoding)
+
+    @field_validator("schema_", mode="before")
+    @classmethod
+    def _an_object(cls, v):
+        if not isinstance(v, dict):
+            raise ValueError(f"the schema must be a JSON Schema object, got {_JSON_TYPES.get(type(v), 'a value')}")
+        return v
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_json_schema(cls, v: dict[str, Any]):
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+        from jsonschema.validators import validator_for
+
+        if _nesting_exceeds(v, MAX_SCHEMA_NESTING):
+            raise ValueError(f"the schema nests objects and arrays more than {MAX_SCHEMA_NESTING} levels deep")
+        # Against the draft its `$schema` names (Draft 2020-12 when it names none or one jsonschema does not know): a
+        # schema that is not valid JSON Schema would otherwise reach the backend, which compiles what it makes of it.
+        validator = validator_for(v, default=Draft202012Validator)
+        try:
+            validator.check_schema(v)
+        except SchemaError as e:
+            where = f" (at {e.json_path})" if e.path else ""
+            draft = validator.__name__.removesuffix("Validator").replace("Draft", "Draft ")
+            draft = {"Draft 202012": "Draft 2020-12", "Draft 201909": "Draft 2019-09"}.get(draft, draft)
+            raise ValueError(f"not a valid JSON Schema ({draft}): {e.message}{where}") from None
+        except RecursionError:
+            raise ValueError("the schema nests too deeply to be checked") from None
+        return v
+
+
+class ResponseFormat(_Request):
+    """`response_format`, as `vllm serve` takes it: `text` (the default), `json_object` (any JSON object) or
+    `json_schema` (JSON that follows `json_schema.schema`), enforced by vLLM's structured-output backend."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = Field(default=None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_with_its_type(cls, v, info):
+        kind = info.data.get("type")
+        if kind == "json_schema" and v is None:
+            raise ValueError("required when response_format.type is 'json_schema'")
+        if kind is not None and kind != "json_schema" and v is not None:
+            raise ValueError(f"only allowed when response_format.type is 'json_schema' (it is '{kind}')")
+        return v
+
+
 class SamplingFields(_Request):
     """Sampling fields shared by completions and chat (OpenAI names, plus vLLM's extras)."""
 
@@ -75,6 +150,7 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None  # on /v1/completions too, as in vLLM
     # vLLM extras (OpenAI clients send them through `extra_body`)
     ignore_eos: bool = False
     min_tokens: Int(ge=0) = 0
@@ -182,7 +258,6 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _checks(self):
@@ -190,8 +265,6 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.tools:
             raise ValueError("tools are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {\"type\": \"text\"} is supported")
         if not any(m.text() for m in self.messages):
             raise ValueError("all messages are empty")
         return self

@@ -2,9 +2,10 @@
 
 A request goes: schema validation (pydantic, schemas.py) -> model name -> tokenization -> the checks that need the
 model (vocabulary, context length, logprob limit) -> SamplingParams (vLLM validates them too; its complaints become
-400s) -> admission (--max-queued-requests) -> the engine.  Plain responses race the generation against the client's
-disconnect; streamed ones are Server-Sent Events in OpenAI's chunk format ending with `data: [DONE]`.  Either way a
-client that goes away gets its engine requests aborted.
+400s) -> the structured-output backend's check of `response_format` (400) -> admission (--max-queued-requests) ->
+the engine.  Plain responses race the generation against the client's disconnect; streamed ones are Server-Sent
+Events in OpenAI's chunk format ending with `data: [DONE]`.  Either way a client that goes away gets its engine
+requests aborted.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def _logprob(x: float) -> float:
 def _sampling_params(fe: EngineFrontend, req: SamplingFields, *, max_tokens: int, logprobs: int | None,
                      prompt_logprobs: int | None):
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     for name, value in (("logprobs", logprobs),):
         if value is not None and fe.max_logprobs >= 0 and value > fe.max_logprobs:
@@ -171,6 +172,12 @@ def _sampling_params(fe: EngineFrontend, req: SamplingFields, *, max_tokens: int
                 raise bad_request(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
             _ids_check(fe, [tid], "logit_bias")
             logit_bias[tid] = v
+    structured = None  # response_format, mapped as vLLM's own server maps it
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        structured = StructuredOutputsParams(json_object=True)
+    elif rf is not None and rf.type == "json_schema":
+        structured = StructuredOutputsParams(json=rf.json_schema.schema_)
     d = fe.default_sampling  # the checkpoint's generation_config.json, as vLLM reads it
 
     def pick(name: str, value, fallback):
@@ -194,6 +201,7 @@ def _sampling_params(fe: EngineFrontend, req: SamplingFields, *, max_tokens: int
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         logit_bias=logit_bias,
+        structured_outputs=structured,
         # Deltas for both kinds of response: the plain one accumulates them, which also times the first token.
         output_kind=RequestOutputKind.DELTA,
     )
@@ -201,6 +209,23 @@ def _sampling_params(fe: EngineFrontend, req: SamplingFields, *, max_tokens: int
         return SamplingParams(**kwargs)
     except Exception as e:  # VLLMValidationError (a ValueError) with vLLM's own wording
         raise bad_request(f"invalid sampling parameters: {e}", param=getattr(e, "parameter", None)) from None
+
+
+async def _check_response_format(fe: EngineFrontend, req: SamplingFields, params) -> None:
+    """Ask the structured-output backend whether it can use the request's `response_format` before anything is
+    admitted or streamed: the engine would refuse it only once the request is added (a failed stream, after the 200),
+    and a schema it cannot compile must be the client's 400, naming the field."""
+    if params.structured_outputs is None:
+        return
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        await fe.check_structured_outputs(params.structured_outputs)
+    except (VLLMClientError, ValueError) as e:
+        param = "response_format.json_schema.schema" if req.response_format.type == "json_schema" else \
+            "response_format"
+        raise bad_request(f"{param}: the structured-output backend cannot use it: {str(e).strip()}",
+                          param=param) from None
 
 
 @dataclass
@@ -366,6 +391,7 @@ async def create_completion(fe: EngineFrontend, metrics: ServerMetrics, req: Com
                      for i, job in enumerate(jobs))
     params = _sampling_params(fe, req, max_tokens=max_tokens, logprobs=req.logprobs,
                               prompt_logprobs=req.logprobs if (req.echo and req.logprobs is not None) else None)
+    await _check_response_format(fe, req, params)
     sequences = len(jobs) * req.n
     _admit(fe, metrics, sequences)
     metrics.prompt_tokens.inc(sum(len(j.prompt_ids) for j in jobs))
@@ -485,6 +511,7 @@ async def create_chat_completion(fe: EngineFrontend, metrics: ServerMetrics, req
     top_n = req.top_logprobs or 0
     params = _sampling_params(fe, req, max_tokens=max_tokens, logprobs=top_n if req.logprobs else None,
                               prompt_logprobs=None)
+    await _check_response_format(fe, req, params)
     jobs = [Job(f"{base_id}-0", ids, text)]
     _admit(fe, metrics, req.n)
     metrics.prompt_tokens.inc(len(ids))

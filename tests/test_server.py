@@ -27,6 +27,10 @@ MAX_NUM_SEQS = 16
 MAX_QUEUED = 20
 MAX_BODY = 65536
 GREEDY: dict[str, str] = {}  # lckv-serve's greedy answers, compared with vllm serve's at the end
+STRUCTURED_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
+# a bounded schema: the string's maxLength makes the grammar close it, so even random weights finish the object
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "alive": {"type": "boolean"}},
+          "required": ["name", "alive"], "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,9 @@ def server(model_path, tmp_path_factory):
            "--max-body-bytes", str(MAX_BODY),
            # vLLM engine arguments, passed through
            "--dtype", "float32", "--enforce-eager", "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-memory-bytes", str(64 << 20),
-           "--block-size", "16"]
+           "--block-size", "16",
+           # only structured requests read it: compact JSON (else a small model pads with whitespace until max_tokens)
+           "--structured-outputs-config", json.dumps(STRUCTURED_CONFIG)]
     # the key comes from the environment here (the --api-key flag is the other way)
     srv = start_server(cmd, log, server_env(LCKV_API_KEY=API_KEY), port)
     yield srv
@@ -262,6 +268,39 @@ BAD_REQUESTS = [
     ("chat-tools-unsupported", "POST", CH, {"json": {"messages": MSG, "tools": [{"type": "function"}]}}, 400, None),
     ("chat-over-context", "POST", CH, {"json": {"messages": [{"role": "user", "content": LONG_PROMPT}]}}, 400,
      "messages"),
+    # response_format: the field named exactly (a dotted param is compared whole)
+    ("rf-unknown-type", "POST", CH, {"json": {"messages": MSG, "response_format": {"type": "xml"}}}, 400,
+     "response_format.type"),
+    ("rf-missing-type", "POST", C, {"json": {"prompt": "hi", "response_format": {}}}, 400, "response_format.type"),
+    ("rf-not-object", "POST", CH, {"json": {"messages": MSG, "response_format": "json"}}, 400, "response_format"),
+    ("rf-missing-json-schema", "POST", CH, {"json": {"messages": MSG, "response_format": {"type": "json_schema"}}},
+     400, "response_format.json_schema"),
+    ("rf-json-schema-with-json-object", "POST", CH, {"json": {"messages": MSG, "response_format": {
+        "type": "json_object", "json_schema": {"name": "p", "schema": PERSON}}}}, 400, "response_format.json_schema"),
+    ("rf-missing-schema", "POST", CH, {"json": {"messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p"}}}}, 400, "response_format.json_schema.schema"),
+    ("rf-missing-name", "POST", CH, {"json": {"messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"schema": PERSON}}}}, 400, "response_format.json_schema.name"),
+    ("rf-schema-not-object", "POST", C, {"json": {"prompt": "hi", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": json.dumps(PERSON)}}}}, 400,
+     "response_format.json_schema.schema"),
+    ("rf-schema-not-json-schema", "POST", CH, {"json": {"messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "objekt"}}}}}, 400,
+     "response_format.json_schema.schema"),
+    ("rf-schema-bad-pattern", "POST", C, {"json": {"prompt": "hi", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "string", "pattern": "(["}}}}}, 400,
+     "response_format.json_schema.schema"),
+    # valid JSON Schema that the backend (xgrammar, no fallback) cannot compile: a 400 before anything is streamed
+    ("rf-schema-uncompilable", "POST", CH, {"json": {"messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": {"$ref": "#/$defs/missing"}}}}}, 400,
+     "response_format.json_schema.schema"),
+    ("rf-schema-unsupported-streamed", "POST", CH, {"json": {"messages": MSG, "stream": True, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": {
+            "type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}}}, 400,
+     "response_format.json_schema.schema"),
+    ("rf-schema-uncompilable-completions", "POST", C, {"json": {"prompt": "hi", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "string", "pattern": "(?<=a)b"}}}}},
+     400, "response_format.json_schema.schema"),
     ("missing-key", "POST", C, {"json": {"prompt": "hi"}, "headers": {"Authorization": ""}}, 401, None),
     ("wrong-key", "POST", C, {"json": {"prompt": "hi"}, "headers": {"Authorization": "Bearer nope"}}, 401, None),
     ("wrong-auth-scheme", "GET", "/v1/models", {"headers": {"Authorization": f"Basic {API_KEY}"}}, 401, None),
@@ -286,8 +325,11 @@ def test_bad_request(http, tokenizer, case):
     err = body["error"]
     assert set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"]
     assert isinstance(err["type"], str) and err["type"]
-    if param is not None:  # the field, possibly with a position inside it ("prompt.1")
-        assert (err["param"] or "").split(".")[0] == param, err
+    if param is not None:  # the field, possibly with a position inside it ("prompt.1"); a dotted one exactly
+        got = err["param"] or ""
+        assert got == param if "." in param else got.split(".")[0] == param, err
+    if name.startswith("rf-"):  # the message names the field too
+        assert param in err["message"], err
     if name == "prompt-over-context":
         n = len(tokenizer(LONG_PROMPT).input_ids)
         assert str(MAX_MODEL_LEN) in err["message"] and str(n) in err["message"], err
@@ -317,6 +359,57 @@ def test_health_version_metrics_need_no_key(server):
         assert httpx.get(server.url + path, timeout=30).status_code == 200
     v = httpx.get(server.url + "/version", timeout=30).json()
     assert v["vllm"].startswith("0.32")
+
+
+# ---- structured outputs (response_format) ---------------------------------------------------------------------------
+
+
+def test_response_format_json_schema(client, http):
+    """json_schema: schema-valid JSON, plain and streamed, chat and completions, n > 1 (the engine's grammar does it;
+    the server was started with disable_any_whitespace, so the object ends well within max_tokens)."""
+    import jsonschema
+
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    messages = [{"role": "user", "content": "Name a character, and say whether they are alive."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=128, temperature=0,
+                                       response_format=rf)
+    text = r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop", text
+    jsonschema.validate(json.loads(text), PERSON)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=128, temperature=0.8,
+                                                 seed=1, response_format=rf, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "stop", streamed
+    jsonschema.validate(json.loads(streamed), PERSON)
+    r = client.completions.create(model=MODEL, prompt="KING.\n", max_tokens=128, n=2, temperature=1.0, seed=3,
+                                  extra_body={"response_format": rf})
+    assert len(r.choices) == 2
+    for c in r.choices:
+        assert c.finish_reason == "stop", c.text
+        jsonschema.validate(json.loads(c.text), PERSON)
+    good_request(http)
+
+
+def test_response_format_json_object(client, http):
+    """json_object: the grammar admits any JSON object, so the output opens one and never strays from JSON; a
+    random-weight model may not close it within max_tokens, so it parses only when it stopped by itself."""
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Reply in JSON."}],
+                                       max_tokens=32, temperature=0, response_format={"type": "json_object"})
+    choice = r.choices[0]
+    assert choice.message.content.startswith("{"), choice.message.content
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+    # "text" is the default, spelled out
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0, response_format={"type": "text"}, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+    # and the OpenAPI document describes the field
+    doc = http.get("/openapi.json").json()
+    for req in ("ChatCompletionRequest", "CompletionRequest"):
+        assert "response_format" in doc["components"]["schemas"][req]["properties"]
+    rf = doc["components"]["schemas"]["ResponseFormat"]
+    assert rf["properties"]["type"]["enum"] == ["text", "json_object", "json_schema"]
+    good_request(http)
 
 
 # ---- engine-facing behaviour ----------------------------------------------------------------------------------------
