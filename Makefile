@@ -20,7 +20,9 @@ $(STAMP): setup.py
 demo: setup
 	$(PY) -m lckv_vllm.tools.demo
 
+# lint-imports checks the import contracts in .importlinter (imports go one way, no cycles) before the tests run
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests kernels
 
 bench: setup

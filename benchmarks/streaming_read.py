@@ -1,6 +1,6 @@
 """StreamingLLM decode on the torch path: the one-frame read against the doubled-head read, in the same engine.
 
-The streaming read (lckv_vllm/engine/attention/streaming.py) scores sinks and window keys in two rotary frames.
+The streaming read (lckv_vllm/engine/attention/streaming_read.py) scores sinks and window keys in two rotary frames.
 Where every query's shift equals its sequence's (every decode step) one head of the model's size carries both
 scores (`one_frame`); otherwise it doubles the head.  This script measures what the one-frame case saves: one
 engine per model (the committed trained 6-layer Shakespeare models, 4 sinks + window 252, fp32, eager), one

@@ -211,7 +211,7 @@ def _streaming_tile(q, q_ptr, kv_ptr, out_ptr, token, head, pos, row_valid, d, d
                     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, STRICT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """StreamingLLM reads for one tile of queries (docs/semantics.md, section 5; torch twin:
-    `lckv_vllm/engine/attention/streaming.py`).  The pages hold unrotated keys.  Two key ranges: the sinks
+    `lckv_vllm/engine/attention/streaming_read.py`).  The pages hold unrotated keys.  Two key ranges: the sinks
     [0, min(S, hi)) and the window [max(S, first query - W + 1), hi).  With span = S + W, a query at t is rotated at
     t - shift(t) against sinks (shift(t) = max(0, t - span + 1)) and at t - c against window keys, which are rotated
     at j - c, c = the sequence's last query's shift: window scores depend on t - j only.  Angles stay below

@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 
 SUPPORTED_VLLM = "0.32"
-BACKEND_NAME = "LCKV_ATTN"
-CPU_BACKEND_NAME = "LCKV_CPU_ATTN"  # same backend, pages in the format of vLLM's CPU kernels
 __version__ = "0.1.0"
 
 logger = logging.getLogger("lckv_vllm")
@@ -48,10 +46,13 @@ def register() -> None:
 
     from vllm.v1.attention.backends.registry import register_backend
 
+    from .engine.attention.backend import BACKEND_NAME, CPU_BACKEND_NAME
+
     register_backend(BACKEND_NAME, "lckv_vllm.engine.attention.backend.LCKVAttentionBackend")
     register_backend(CPU_BACKEND_NAME, "lckv_vllm.engine.attention.backend.LCKVCpuAttentionBackend")
 
-    from .engine.vllm_patches import install_config_hook, register_sink_window_pages
+    from .engine.sink_window_pages import register_sink_window_pages
+    from .engine.vllm_patches import install_config_hook
 
     install_config_hook()
     register_sink_window_pages()

@@ -225,7 +225,7 @@ class LayerPlan:
         vLLM's sliding-window KV spec, so its pages that fall out of the window are freed (windowed pages)."""
         if not self.roles[producer].computes_kv:
             raise ValueError(f"layer {producer} keeps no KV")
-        if self.streaming is not None:  # sinks + window pages (their own KV spec, vllm_patches item 10)
+        if self.streaming is not None:  # sinks + window pages (their own KV spec, engine/sink_window_pages.py)
             return self.streaming.window
         return self.sliding_window if all(self.roles[r].sliding for r in self.readers(producer)) else None
 

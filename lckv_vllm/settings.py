@@ -2,12 +2,12 @@
 
 Eight switches exist, each an environment variable with a config-field twin (so `--hf-overrides` can set it too):
 
-* `LCKV_ATTENTION_IMPL` = auto | cpu | torch | triton: who does the attention math (`attention/select.py`);
+* `LCKV_ATTENTION_IMPL` = auto | cpu | torch | triton: who does the attention math (`attention/chooser.py`);
 * `LCKV_EXACT_RECOMPUTE` (config `lckv_exact_recompute`, default on): after preemption, cyclic plans re-encode the
   prompt part as a prefill and the generated tokens one by one, as they were first encoded (`resume.py`);
 * `LCKV_CHUNKED_PREFILL` (config `lckv_chunked_prefill`, default on): cyclic plans use chunked prefill and prefix
   caching, each chunk encoded iteratively on top of the earlier, final ones; off forces whole-prompt prefill
-  (`vllm_patches.py`, item 1);
+  (`engine/startup.py`);
 * `LCKV_PREFILL_TOL` (config `lckv_prefill_tol`, default `DEFAULT_PREFILL_TOL`): adaptive passes: a sequence stops
   iterating once its producer K/V moved by less than this (relative) in a pass; 0 = always m+b passes
   (`prefill.py`);
@@ -64,7 +64,7 @@ _FALSE = ("0", "false", "no", "off")
 
 @dataclass(frozen=True)
 class Settings:
-    attention_impl: str = "auto"  # one of ATTENTION_IMPLS; "auto" is resolved per device by attention/select.py
+    attention_impl: str = "auto"  # one of ATTENTION_IMPLS; "auto" is resolved per device by attention/chooser.py
     exact_recompute: bool = True
     chunked_prefill: bool = True
     pass_economy: bool = True

@@ -1,4 +1,4 @@
-"""The `cpu` attention path (vLLM's C++ kernels made strict, lckv_vllm/engine/attention/cpu.py) against the float64
+"""The `cpu` attention path (vLLM's C++ kernels made strict, lckv_vllm/engine/attention/cpu_path.py) against the float64
 reference of the semantics (kernels/reference.py), which shares no code with it.
 
 Every case writes K/V through the path's own write op (the pages are in the kernels' private format), poisons the
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from lckv_vllm.engine.attention import cpu
+from lckv_vllm.engine.attention import cpu_path as cpu
 from lckv_vllm.engine.attention.step import make_step
 from lckv_vllm.kernels.reference import paged_attention_ref, write_kv_ref
 
@@ -147,7 +147,7 @@ def test_write_skips_padding_slots():
 
 
 def test_path_selection(monkeypatch):
-    from lckv_vllm.engine.attention.select import select_path
+    from lckv_vllm.engine.attention.chooser import select_path
     from lckv_vllm.settings import ATTENTION_IMPL_ENV, load_settings
 
     def chosen(*args, **kw):

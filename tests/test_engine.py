@@ -58,7 +58,7 @@ def test_compiled_mode_matches_reference(engine, model_dir):
     llm = engine("tiny-w2", enforce_eager=False)
     assert llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE  # CPU: DYNAMO_TRACE_ONCE
     # adaptive prefill's split units were compiled by vLLM's warm-up, not left for the first prefill to compile
-    units = [u for split in model_of(llm).model._split.values() for u in (split.body, split.body_first, split.tail)]
+    units = [u for s in model_of(llm).model.segments if s.split is not None for u in s.split.units()]
     assert units and all(u.compiled for u in units)
     prompts = [random_prompt(n, seed=80 + n) for n in LENGTHS]
     ref = reference(model_dir, "tiny-w2")

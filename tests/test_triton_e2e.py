@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from conftest import generate, model_of, random_prompt
-from lckv_vllm.engine.attention.select import make_path
+from lckv_vllm.engine.attention.chooser import make_path
 from lckv_vllm.engine.attention.step import make_step
 from lckv_vllm.settings import ATTENTION_IMPL_ENV
 

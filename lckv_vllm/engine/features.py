@@ -146,7 +146,8 @@ def _pipeline_parallel(cfg) -> str | None:
 
 def _storage_connector(cfg) -> str | None:
     kt = cfg.kv_transfer_config
-    return "kv_connector='LCKVStorageConnector'" if kt is not None and kt.kv_connector == "LCKVStorageConnector" else None
+    on = kt is not None and kt.kv_connector == "LCKVStorageConnector"
+    return "kv_connector='LCKVStorageConnector'" if on else None
 
 
 def _storage_connector_tp(cfg) -> str | None:
@@ -209,8 +210,9 @@ FEATURES: tuple[Feature, ...] = (
         instead="serve an unquantized checkpoint", detect=_quantization),
     Feature(
         "structured-outputs", "structured outputs (guided JSON / regex / choice; per request)",
-        _all("exact", "constrains sampling only; the model computes the same logits"),
-        tests="tests/test_features.py"),
+        _all("exact", "constrains sampling only; the model computes the same logits (lckv-serve: response_format "
+                      "json_object / json_schema)"),
+        tests="tests/test_features.py, tests/test_server.py"),
     Feature(
         "beam-search", "beam search (per request)",
         _all("exact", "each beam step re-submits the beam as a prompt (vLLM's beam search)",

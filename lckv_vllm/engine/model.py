@@ -8,25 +8,24 @@ layers, so module and weight names match the official checkpoints.  What differs
 * only producers own KV pages: a non-producer's `Attention` is bound to its producer through vLLM's KV-sharing
   mechanism, so vLLM's block manager counts producers only;
 * each layer writes its own pages (if it computes KV) and reads the pages of the layer it attends to, strictly
-  causal where the plan says so, through the engine's attention path (`attention/select.py`, chosen once);
-* prefill runs each cyclic segment up to `plan.prefill_passes(longest query in the step)` times (min(m + b, longest
-  query)) with the segment's producer slots for the step's tokens zeroed first; after k passes the first k tokens
-  of every prompt are exact, so prompts shorter than m + b converge to token-by-token encoding and decode steps
-  (one token each) need a single pass; a sequence whose K/V stopped moving stops earlier (`prefill.py`);
-* a step that re-encodes generated tokens (recompute after preemption) runs cyclic segments part by part so the
-  result equals the original prompt-then-decode encoding (`resume.py`).
+  causal where the plan says so: the attention op calls the layer's `LCKVAttentionImpl.run` (attention/backend.py)
+  with the engine's attention path (`attention/chooser.py`, chosen once);
+* `LCKVModel.forward` walks the plan's segments (`segments.py`: compiled units, producers) and hands each to the
+  prefill (`prefill.py`), which owns the pass loop: a cyclic segment runs up to `plan.prefill_passes(longest query
+  in the step)` passes from zeroed producer slots, stopping per sequence once its K/V stop moving; after k passes
+  the first k tokens of every prompt are exact, and decode steps (one token each) need a single pass;
+* a step that re-encodes generated tokens (recompute after preemption, speculative verify steps) runs cyclic
+  segments part by part so the result equals the original prompt-then-decode encoding (`resume.py`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.forward_context import get_forward_context
@@ -45,10 +44,13 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from . import resume
 from . import vllm_patches as vp
 from .attention.base import AttentionPath
-from .attention.select import select_path
-from .attention.streaming import StreamingRead
-from ..plan import LayerPlan, Segment, plan_from_config
-from .prefill import IterativePrefill, SplitUnits
+from .attention.chooser import backend_for, select_path
+from .attention.context import kv_connector, link_step_groups, step_metadata
+from .attention.streaming_read import StreamingRead
+from ..plan import LayerPlan, plan_from_config
+from .prefill import IterativePrefill
+from .segments import build_segments
+from .startup import pp_layer_partition
 from ..settings import Settings, load_settings
 from ..streaming import rope_theta
 
@@ -60,41 +62,14 @@ def _attn_name(prefix: str, layer: int) -> str:
 
 
 def _lckv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, output: torch.Tensor, layer_name: str) -> None:
-    """One layer's attention step: write its K/V (if it computes KV), read the pages of the layer it attends to.
+    """One layer's attention step, `layer.impl.run` (attention/backend.py), as vLLM's own ops call `layer.impl`.
 
     Registered as the custom op `vllm::lckv_attention` and listed among vLLM's splitting ops, so torch.compile
     compiles everything between attention calls and runs this opaque, eagerly, with the step's metadata.
     """
     layers = get_forward_context().no_compile_layers
     layer = layers[layer_name]
-    spec = layer.lckv
-    step = vp.step_metadata(spec.read_name)
-    if step is None:  # profiling / dummy run: no pages bound yet
-        output.zero_()
-        return
-    t = step.num_actual_tokens
-    if spec.computes_kv:
-        _write_own_kv(layer, layer_name, step, k, v, t)
-    if spec.streaming is not None:  # sinks + window, keys rotated at their cache positions (attention/streaming.py)
-        spec.streaming.attend(q[:t].view(t, spec.num_heads, spec.head_dim), layers[spec.read_name].kv_cache, step,
-                              scale=spec.scale, strict=spec.strict, out=output[:t].view(t, spec.num_heads, spec.head_dim))
-    else:
-        spec.path.attend(q[:t].view(t, spec.num_heads, spec.head_dim), layers[spec.read_name].kv_cache, step,
-                         scale=spec.scale, strict=spec.strict, window=spec.window,
-                         out=output[:t].view(t, spec.num_heads, spec.head_dim))
-    if t < output.shape[0]:
-        output[t:] = 0
-
-
-def _write_own_kv(layer, layer_name: str, step, k: torch.Tensor, v: torch.Tensor, t: int) -> None:
-    """A producer's K/V write for the step's first `t` tokens (recorded first while adaptive prefill measures)."""
-    spec = layer.lckv
-    # its own pages may sit in another KV-cache group than the pages it reads (windowed pages): own slots
-    own = step if spec.read_name == layer_name else vp.step_metadata(layer_name)
-    if own.kv_capture is not None:  # adaptive prefill measures how far this pass moved the K/V (prefill.py)
-        own.kv_capture[layer_name] = torch.cat([k[:t], v[:t]], -1)
-    spec.path.write_kv(k[:t].view(t, spec.num_kv_heads, spec.head_dim),
-                       v[:t].view(t, spec.num_kv_heads, spec.head_dim), layer.kv_cache, own.slot_mapping, own)
+    layer.impl.run(layer, layers, q, k, v, output)
 
 
 def _lckv_attention_fake(q, k, v, output, layer_name: str) -> None:
@@ -104,22 +79,6 @@ def _lckv_attention_fake(q, k, v, output, layer_name: str) -> None:
 direct_register_custom_op("lckv_attention", _lckv_attention, mutates_args=["output"],
                           fake_impl=_lckv_attention_fake)
 assert vp.LCKV_ATTENTION_OP == "vllm::lckv_attention"  # the name vLLM's compiler splits at (vllm_patches item 3)
-
-
-@dataclass(frozen=True)
-class _AttnSpec:
-    """What the attention op needs to know about a layer; attached to the layer's vLLM `Attention` object."""
-
-    computes_kv: bool
-    read_name: str
-    strict: bool
-    window: int | None
-    path: AttentionPath
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    scale: float
-    streaming: StreamingRead | None = None  # StreamingLLM mode: the read that replaces `path.attend`
 
 
 class LCKVAttention(nn.Module):
@@ -179,7 +138,7 @@ class LCKVAttention(nn.Module):
         )
         self.path = path
         # A producer whose every reader is sliding-window gets sliding-window pages (vLLM frees what falls out of
-        # the window); every other layer full-attention pages, the window applied on read (vllm_patches item 8).
+        # the window); every other layer full-attention pages, the window applied on read (vllm_patches item 6).
         page_window = None
         if role.computes_kv and windowed_pages:
             page_window = plan.page_window(layer_idx)
@@ -194,21 +153,18 @@ class LCKVAttention(nn.Module):
             per_layer_sliding_window=page_window,
             quant_config=quant_config,
             prefix=f"{prefix}.attn",
-            attn_backend=path.backend,
+            attn_backend=backend_for(path),
+            lckv_path=path,
             lckv_strict=role.strict,
             lckv_window=plan.window(layer_idx),
-            lckv_path=path,
+            lckv_read_name=_attn_name(model_prefix, role.attends_to),
+            lckv_computes_kv=role.computes_kv,
+            lckv_streaming=streaming,
         )
         if page_window is not None and plan.streaming is not None:
             vp.use_sink_window_pages(self.attn, plan.streaming.sink_tokens)
         self.own_name = f"{prefix}.attn"
         self.streaming = streaming
-        self.attn.lckv = _AttnSpec(
-            computes_kv=role.computes_kv, read_name=_attn_name(model_prefix, role.attends_to), strict=role.strict,
-            window=plan.window(layer_idx), path=path, num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, scale=self.scaling, streaming=streaming,
-        )
-
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.role.computes_kv:
             qkv, _ = self.qkv_proj(hidden_states)
@@ -231,8 +187,8 @@ class LCKVAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.streaming is None:  # streaming stores keys unrotated (as `forward`)
             _, k = self.rotary_emb(positions, q, k)
-        step = vp.step_metadata(self.attn.lckv.read_name)
-        _write_own_kv(self.attn, self.own_name, step, k, v, step.num_actual_tokens)
+        step = step_metadata(self.attn.impl.read_name)
+        self.attn.impl.write_own_kv(self.attn, step, k, v, step.num_actual_tokens)
 
 
 class LCKVDecoderLayer(nn.Module):
@@ -274,30 +230,6 @@ class LCKVDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
-@support_torch_compile(dynamic_arg_dims={"positions": 0, "hidden_states": 0})
-class LCKVSegment(nn.Module):
-    """A run of layers that the prefill executes as a unit; the unit that vLLM's torch.compile compiles.
-
-    The pass loop of cyclic segments stays outside, in eager Python: its trip count depends on the step.  Each
-    segment folds the residual into its output so that every call has the same signature (vLLM traces once).
-    """
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layers=(), skip_reads=()):
-        super().__init__()
-        # A plain list, not a ModuleList: the layers are registered under `model.layers.N` (the checkpoint's
-        # names) by LCKVModel, not a second time here.
-        self._layers = list(layers)
-        # per layer: skip its attention (a first-pass unit, see LCKVDecoderLayer.forward); fixed per instance, so
-        # each unit traces once
-        self._skip = tuple(skip_reads) or (False,) * len(self._layers)
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = None
-        for layer, skip in zip(self._layers, self._skip):
-            hidden_states, residual = layer(positions, hidden_states, residual, skip)
-        return hidden_states + residual
-
-
 class LCKVModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model"):
         super().__init__()
@@ -309,12 +241,12 @@ class LCKVModel(nn.Module):
         self.streaming = None
         if self.plan.streaming is not None:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            self.streaming = StreamingRead(self.plan.streaming, head_dim, rope_theta(config), self.path)
+            self.streaming = StreamingRead(self.plan.streaming, head_dim, rope_theta(config))
         # Pipeline parallelism: this stage's layers, cut only where no reader is separated from its producer
         # (plan.pipeline_stages); the other layers are placeholders without weights or pages.
         pp = get_pp_group()
         self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
-        self.start_layer, self.end_layer = self.plan.pipeline_stages(pp.world_size, vp.pp_layer_partition())[
+        self.start_layer, self.end_layer = self.plan.pipeline_stages(pp.world_size, pp_layer_partition())[
             pp.rank_in_group]
         if not self.is_first_stage:
             vp.install_intermediate_tensors_fix()
@@ -331,35 +263,9 @@ class LCKVModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if self.is_last_stage else PPMissingLayer()
         self._bind_consumers(vllm_config, prefix)
-        # The plan's segments clipped to this stage (a cyclic segment is never cut, an acyclic one may be).
-        self.local_segments = [
-            Segment(max(seg.start, self.start_layer), min(seg.end, self.end_layer), seg.cyclic)
-            for seg in self.plan.segments if seg.start < self.end_layer and seg.end > self.start_layer
-        ]
-        segments = [
-            LCKVSegment(vllm_config=vllm_config, prefix=f"{prefix}.segments.{k}",
-                        layers=[self.layers[i] for i in seg.layers])
-            for k, seg in enumerate(self.local_segments)
-        ]
-        object.__setattr__(self, "_segments", segments)  # not submodules: they own no weights
-        # Split units (adaptive mode only, so that LCKV_PREFILL_TOL=0 keeps computing what it always did, bit for
-        # bit): each cyclic segment cut below its top layer, a producer (prefill.SplitUnits), with a first-pass
-        # body that skips the reads of zeroed slots (LCKVDecoderLayer.forward).
-        split = {}
-        if self.settings.adaptive:
-            for k, seg in enumerate(self.local_segments):
-                top = seg.end - 1
-                if not (seg.cyclic and len(seg.layers) >= 2 and self.plan.roles[top].computes_kv):
-                    continue
-                below = [self.layers[i] for i in seg.layers[:-1]]
-                skip = [self.plan.roles[i].attends_to > i for i in seg.layers[:-1]]
-                body = LCKVSegment(vllm_config=vllm_config, prefix=f"{prefix}.body.{k}", layers=below)
-                body_first = (LCKVSegment(vllm_config=vllm_config, prefix=f"{prefix}.body_first.{k}", layers=below,
-                                          skip_reads=skip) if any(skip) else body)
-                tail = LCKVSegment(vllm_config=vllm_config, prefix=f"{prefix}.tail.{k}", layers=[self.layers[top]])
-                split[k] = SplitUnits(body=body, body_first=body_first, write_top=self.layers[top].write_kv,
-                                      tail=tail)
-        object.__setattr__(self, "_split", split)
+        units = build_segments(self.plan, self.layers, self.start_layer, self.end_layer, vllm_config, prefix,
+                               adaptive=self.settings.adaptive)
+        object.__setattr__(self, "segments", units)  # not submodules: they own no weights (the layers do)
         # the step's metadata is looked up under one of this stage's producers (every stage has one)
         self.step_layer = _attn_name(prefix, next(p for p in self.plan.producers
                                                   if self.start_layer <= p < self.end_layer))
@@ -371,7 +277,7 @@ class LCKVModel(nn.Module):
         if self.exact_recompute:
             vp.install_prompt_lengths_hook()
         tp_reduce = tensor_model_parallel_all_reduce if get_tensor_model_parallel_world_size() > 1 else None
-        self.prefill = IterativePrefill(self.plan, self.settings, self._zero_producer_slots, tp_reduce)
+        self.prefill = IterativePrefill(self.plan, self.settings, tp_reduce)
 
     def _bind_consumers(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Point each non-producing layer's `Attention` at its producer's pages (vLLM KV sharing).
@@ -394,74 +300,30 @@ class LCKVModel(nn.Module):
             hidden = intermediate_tensors["hidden_states"]
         else:
             hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        step = vp.step_metadata(self.step_layer)
-        vp.link_step_groups()
-        parts = None
-        if self.exact_recompute and step is not None:
-            parts = resume.plan_step(step, self.plan)
-        record = self.prefill.begin_step(step) if step is not None else None
-        connector = vp.kv_connector() if step is not None else None
-        waited: set[int] = set()
-        for k, (seg, run) in enumerate(zip(self.local_segments, self._segments)):
-            if connector is not None:
-                self._wait_for_kv(connector, seg, waited)
-            if not seg.cyclic or step is None:
-                if step is None and k in self._split:
-                    # vLLM's warm-up and profiling runs (no step): run the split units too, so that compiled mode
-                    # compiles them at start-up rather than on the first prefill
-                    u = self._split[k]
-                    u.tail(positions, u.body(positions, hidden))
-                    if u.body_first is not u.body:
-                        u.body_first(positions, hidden)
-                hidden = run(positions, hidden)
-            elif parts is not None:
-                hidden = self._run_parts(seg, run, positions, hidden, parts, record, self._split.get(k))
-            else:
-                hidden = self.prefill.run_segment(seg, run, positions, hidden, step, record,
-                                                  split=self._split.get(k))
-            if connector is not None:
-                self._save_kv(connector, seg)
-        if record is not None:
-            self.prefill.finish_step(step, record, resume.generated_only(step) if parts is not None else None)
+        step = step_metadata(self.step_layer)
+        if step is None:  # vLLM's warm-up and profiling runs: every unit once (compiled mode compiles them here)
+            for units in self.segments:
+                hidden = units.warm_up(positions, hidden)
+        else:
+            hidden = self._step(positions, hidden, step)
         if not self.is_last_stage:
             return IntermediateTensors({"hidden_states": hidden})
         return self.norm(hidden)
 
-    def _wait_for_kv(self, connector, seg, waited: set) -> None:
-        """KV transfer (vllm_patches item 11): before a segment runs, the producers its layers read must be loaded."""
-        for i in seg.layers:
-            p = self.plan.roles[i].attends_to
-            if p not in waited:
-                waited.add(p)
-                connector.wait_for_layer_load(self.layers[p].self_attn.attn.layer_name)
-
-    def _save_kv(self, connector, seg) -> None:
-        """KV transfer: a segment's producers are final once it has run (after its last pass): save each once.
-        Consumers own no pages, so nothing else is ever saved."""
-        for p in seg.layers:
-            if self.plan.roles[p].computes_kv:
-                attn = self.layers[p].self_attn.attn
-                connector.save_kv_layer(attn.layer_name, attn.kv_cache, vp.step_metadata(attn.layer_name))
-
-    def _zero_producer_slots(self, seg, step) -> None:
-        """The starting point of an iterative encoding: this step's K/V of the segment's producers are zeros.
-        `step` is the one in the forward context; each producer's slots come from its own KV-cache group's member."""
-        for p in seg.layers:
-            if self.plan.roles[p].computes_kv:
-                attn = self.layers[p].self_attn.attn
-                own = vp.step_metadata(attn.layer_name) if step.family is not None else step
-                self.path.zero_slots(attn.kv_cache, own)
-
-    def _run_parts(self, seg, run, positions, hidden, parts, record, split=None):
-        """A cyclic segment over a step that re-encodes generated tokens: part by part (see resume.py)."""
-        out = hidden.clone()
-        for part in parts:
-            with vp.metadata_swapped(part.step):
-                seg_in, pos = hidden.index_select(0, part.rows), positions.index_select(0, part.rows)
-                h = self.prefill.run_segment(seg, run, pos, seg_in, part.step, record, passes=part.passes,
-                                             rows_of_step=part.reqs, split=split)
-            out.index_copy_(0, part.rows, h)
-        return out
+    def _step(self, positions, hidden, step):
+        """The segments in order, each run by the prefill (once, or iteratively for a cyclic segment)."""
+        link_step_groups()
+        parts = resume.plan_step(step, self.plan) if self.exact_recompute else None
+        record = self.prefill.begin_step(step)
+        connector, waited = kv_connector(), set()
+        for units in self.segments:
+            if connector is not None:
+                units.wait_for_kv(connector, waited)
+            hidden = self.prefill.run(units, positions, hidden, step, record, parts)
+            if connector is not None:
+                units.save_kv(connector)
+        self.prefill.finish_step(step, record, resume.generated_only(step) if parts is not None else None)
+        return hidden
 
 
 def _select_path(settings: Settings, config, vllm_config: VllmConfig, streaming: bool = False) -> AttentionPath:

@@ -19,7 +19,7 @@ every pass from the same segment input, with the step's producer slots zeroed fi
   size runs in rounds: round j takes every request's j-th block as a sub-step, iterated on top of the blocks before
   it, final by then (the chunk-by-chunk semantics inside one step; `ReferenceModel.forward_chunk(block=)`).  Tokens
   with final context converge in fewer passes.
-* **Split passes** (adaptive mode; `SplitUnits`, built by model.py).  The top layer of a cyclic segment is a
+* **Split passes** (adaptive mode; `segments.SplitUnits`).  The top layer of a cyclic segment is a
   producer, and of a pass that is not a row's last only that producer's K/V matters: so a pass runs the layers
   below it and its K/V write, and its attention and MLP run once per row, after the pass that made the row final.
   A first pass without context skips the upward reads too (they see only zeroed slots: exactly 0).  The values are
@@ -38,13 +38,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from . import vllm_patches as vp
+from .attention.context import metadata_swapped
 from .attention.step import LCKVStep, pass_substep, substep
+from .segments import SegmentUnits
 from ..plan import LayerPlan
 from ..settings import CHUNKED_PREFILL_ENV, DEFAULT_PREFILL_TOL, PREFILL_TOL_ENV, Settings
 
@@ -65,20 +64,6 @@ def row_change(new: torch.Tensor, old: torch.Tensor, tp_reduce=None) -> torch.Te
     ratio = torch.where(n2 > 0, d2 / n2.clamp_min(torch.finfo(torch.float32).tiny),
                         torch.where(d2 > 0, torch.full_like(d2, float("inf")), torch.zeros_like(d2)))
     return ratio.sqrt().amax(0)
-
-
-@dataclass(frozen=True)
-class SplitUnits:
-    """A cyclic segment cut below its top layer, which is always a producer (model.py builds these in adaptive
-    mode): `body` runs the layers below it (`body_first`: the same for a first pass without context, upward reads
-    skipped), `write_top` only the top producer's K/V write, `tail` the whole top layer.  A pass that is not the
-    last for a row needs only the producer's K/V of it; its attention and MLP output is what leaves the segment,
-    needed once, from the pass after which the row is final."""
-
-    body: Callable
-    body_first: Callable
-    write_top: Callable
-    tail: Callable
 
 
 class PrefillStats:
@@ -131,7 +116,7 @@ class PrefillStats:
 class IterativePrefill:
     """Runs the cyclic segments of one model (or pipeline stage); one per engine, built by `LCKVModel`."""
 
-    def __init__(self, plan: LayerPlan, settings: Settings, zero_slots, tp_reduce=None):
+    def __init__(self, plan: LayerPlan, settings: Settings, tp_reduce=None):
         self.plan = plan
         self.settings = settings
         # use_sequential makes every token exact (one pass per token): it never stops early
@@ -141,7 +126,6 @@ class IterativePrefill:
         self.measure = settings.pass_economy
         # a use_sequential plan encodes one token per pass and stays whole; blocks change nothing it computes
         self.block = 0 if plan.use_sequential else settings.block
-        self._zero_slots = zero_slots  # (segment, step) -> None: zero the step's slots of the segment's producers
         self._tp_reduce = tp_reduce
         self.stats = PrefillStats(plan.num_passes, self.tol)
         self._warned = False
@@ -150,9 +134,23 @@ class IterativePrefill:
     def begin_step(self, step: LCKVStep) -> "_StepRecord":
         return _StepRecord(step.num_reqs)
 
-    def run_segment(self, seg, run, positions, seg_in, step: LCKVStep, record: "_StepRecord",
-                    passes: int | None = None, rows_of_step: torch.Tensor | None = None,
-                    split: SplitUnits | None = None):
+    def run(self, units: SegmentUnits, positions, hidden, step: LCKVStep, record: "_StepRecord", parts=None):
+        """One segment of the step: an acyclic one once; a cyclic one iteratively, part by part when the step
+        re-encodes generated tokens (`parts` from `resume.plan_step`: the prompt part, then one token at a time)."""
+        if not units.cyclic:
+            return units.run(positions, hidden)
+        if parts is None:
+            return self.run_segment(units, positions, hidden, step, record)
+        out = hidden.clone()
+        for part in parts:
+            with metadata_swapped(part.step):
+                h = self.run_segment(units, positions.index_select(0, part.rows), hidden.index_select(0, part.rows),
+                                     part.step, record, passes=part.passes, rows_of_step=part.reqs)
+            out.index_copy_(0, part.rows, h)
+        return out
+
+    def run_segment(self, units: SegmentUnits, positions, seg_in, step: LCKVStep, record: "_StepRecord",
+                    passes: int | None = None, rows_of_step: torch.Tensor | None = None):
         """One cyclic segment over `step` (the whole step, or a part of it: then `rows_of_step` maps the part's
         requests to the step's, for the record).  Returns the segment's output.
 
@@ -164,13 +162,12 @@ class IterativePrefill:
             if blocks is not None:
                 out = torch.empty_like(seg_in)
                 for rows, sub, reqs in blocks:
-                    with vp.metadata_swapped(sub):
-                        h = self._run_one(seg, run, positions.index_select(0, rows), seg_in.index_select(0, rows),
-                                          sub, record, None, reqs if rows_of_step is None else rows_of_step[reqs],
-                                          split)
+                    with metadata_swapped(sub):
+                        h = self._run_one(units, positions.index_select(0, rows), seg_in.index_select(0, rows),
+                                          sub, record, None, reqs if rows_of_step is None else rows_of_step[reqs])
                     out.index_copy_(0, rows, h)
                 return out
-        return self._run_one(seg, run, positions, seg_in, step, record, passes, rows_of_step, split)
+        return self._run_one(units, positions, seg_in, step, record, passes, rows_of_step)
 
     def _blocks(self, step: LCKVStep):
         """The step's prefill blocks as rounds `(rows, sub-step, requests)`, or None when no request's tokens cross a
@@ -195,25 +192,26 @@ class IterativePrefill:
                 step.prefill_blocks = tuple(rounds)
         return step.prefill_blocks or None
 
-    def _run_one(self, seg, run, positions, seg_in, step: LCKVStep, record: "_StepRecord",
-                 passes: int | None, rows_of_step: torch.Tensor | None, split: SplitUnits | None = None):
+    def _run_one(self, units: SegmentUnits, positions, seg_in, step: LCKVStep, record: "_StepRecord",
+                 passes: int | None, rows_of_step: torch.Tensor | None):
         if passes is None:
             passes = self.plan.prefill_passes(step.max_query_len)
         if passes > 1:
             # With one pass (a decode-only step) nothing reads a slot of this step before its producer writes it:
             # readers below the producer are strict, the producer writes before it reads.
-            self._zero_slots(seg, step)
-        if split is not None and passes > 1 and self.tol > 0:
+            units.zero_slots(step)
+        if units.split is not None and passes > 1 and self.tol > 0:
             # Without context (every sequence of the (sub-)step starts at position 0) the first pass's upward reads
             # see only the zeros just written: its body skips them.
             context_free = not bool(step.context_lens_cpu.any())
-            out, used, last, rows = self._iterate_split(split, positions, seg_in, step, passes, context_free)
+            out, used, last, rows = self._iterate_split(units, positions, seg_in, step, passes, context_free)
         else:
-            out, used, last, rows = self._iterate(run, positions, seg_in, step, passes)
-        record.add(seg, used, last, rows, rows_of_step)
+            out, used, last, rows = self._iterate(units, positions, seg_in, step, passes)
+        record.add(units.seg, used, last, rows, rows_of_step)
         return out
 
-    def _iterate(self, run, positions, seg_in, step: LCKVStep, passes: int):
+    def _iterate(self, units: SegmentUnits, positions, seg_in, step: LCKVStep, passes: int):
+        run = units.run
         B = step.num_reqs
         used = torch.ones(B, dtype=torch.long)
         last = torch.zeros(B, dtype=torch.float64)
@@ -227,13 +225,9 @@ class IterativePrefill:
                 out = run(positions, seg_in)
             return out, torch.minimum(q_lens, torch.full_like(used, passes)), last, q_lens * passes
         rows_run = q_lens.clone()  # per request: rows recomputed over all passes
-        capture: dict = {}
-        step.set_capture(capture)  # on every KV-cache group's step: each producer records into its own group's
-        try:
+        with units.capture() as capture:
             out = run(positions, seg_in)
-            prev = _stack(capture)
-        finally:
-            step.set_capture(None)
+        prev = _stack(capture)
         starts = torch.zeros(B, dtype=torch.long)
         for k in range(2, passes + 1):
             starts = starts.clamp_min(k - 1)  # after pass k-1 the first k-1 tokens are exact
@@ -248,14 +242,9 @@ class IterativePrefill:
                     break
                 part = substep(step, reqs, starts[reqs], q_lens[reqs] - starts[reqs])
             rows, sub = part
-            capture = {}
-            sub.set_capture(capture)
-            try:
-                with vp.metadata_swapped(sub):
-                    h = run(positions.index_select(0, rows), seg_in.index_select(0, rows))
-                new = _stack(capture)
-            finally:
-                sub.set_capture(None)
+            with units.capture() as capture, metadata_swapped(sub):
+                h = run(positions.index_select(0, rows), seg_in.index_select(0, rows))
+            new = _stack(capture)
             out.index_copy_(0, rows, h)
             rows_run[reqs] += sub.query_lens_cpu
             if new is None or prev is None:  # a segment whose producers run elsewhere: nothing to measure
@@ -269,11 +258,13 @@ class IterativePrefill:
                 starts[reqs] = torch.where(first < _NONE, starts[reqs] + first, q_lens[reqs])
         return out, used, last, rows_run
 
-    def _iterate_split(self, u: SplitUnits, positions, seg_in, step: LCKVStep, passes: int, context_free: bool):
+    def _iterate_split(self, units: SegmentUnits, positions, seg_in, step: LCKVStep, passes: int,
+                       context_free: bool):
         """Adaptive passes (the rule of `_iterate`) with the top producer split off: each pass runs `body` and
         `write_top` over the rows still iterating, measures, and then runs `tail` over the rows this pass made final
         (those before the next pass's first row; every row left after the last pass).  Same values as full passes:
         a final row's tail reads keys up to itself, all final."""
+        u = units.split
         B = step.num_reqs
         used = torch.ones(B, dtype=torch.long)
         last = torch.zeros(B, dtype=torch.float64)
@@ -286,15 +277,11 @@ class IterativePrefill:
             pos = positions if cur_rows is None else positions.index_select(0, cur_rows)
             x_in = seg_in if cur_rows is None else seg_in.index_select(0, cur_rows)
             lens = cur.query_lens_cpu
-            with vp.metadata_swapped(cur) if cur is not step else contextlib.nullcontext():
-                capture: dict = {}
-                cur.set_capture(capture)
-                try:
+            with metadata_swapped(cur) if cur is not step else contextlib.nullcontext():
+                with units.capture() as capture:
                     hb = (u.body_first if k == 1 and context_free else u.body)(pos, x_in)
                     u.write_top(pos, hb)
-                    new = _stack(capture)
-                finally:
-                    cur.set_capture(None)
+                new = _stack(capture)
                 rows_run[reqs] += lens
                 used[reqs] = k
                 old = starts[reqs]
@@ -309,7 +296,7 @@ class IterativePrefill:
                 done = (nxt > old).nonzero().flatten()  # indices into reqs (and cur's requests)
                 if done.numel():
                     local, fin = substep(cur, done, torch.zeros_like(done), (nxt - old)[done])
-                    with vp.metadata_swapped(fin):
+                    with metadata_swapped(fin):
                         h = u.tail(pos.index_select(0, local), hb.index_select(0, local))
                     out.index_copy_(0, local if cur_rows is None else cur_rows.index_select(0, local), h)
             starts[reqs] = nxt

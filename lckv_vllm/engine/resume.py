@@ -13,8 +13,9 @@ This module redoes the original order inside that one step.  For every cyclic se
 2. the generated part is then encoded one token per request at a time, each a one-pass step with the context so
    far, like the decode steps that produced those tokens.
 Each part runs with attention metadata of its own (a sub-step, `attention.step.substep`: its tokens, context
-lengths, slots), swapped into vLLM's forward context for the duration (`vllm_patches` item 6); acyclic segments run once over the whole step, which is exact under any
-split.  Steps without re-encoded generated tokens (all normal prefills and decodes) never come here.
+lengths, slots), swapped into vLLM's forward context for the duration (`attention/context.metadata_swapped`);
+acyclic segments run once over the whole step, which is exact under any split.  Steps without re-encoded generated
+tokens (all normal prefills and decodes) never come here.
 
 Cost: the generated part costs what decoding it cost (one segment run per generated token of the longest resumed
 request), inside a single engine step.  `LCKV_EXACT_RECOMPUTE=0` (or `--hf-overrides

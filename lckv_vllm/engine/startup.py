@@ -102,3 +102,17 @@ def _bind_cpu_workers(parallel_config) -> None:
     binding = "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
     logger.info("LCKV: %d CPU workers: VLLM_CPU_OMP_THREADS_BIND=%s (set it yourself to choose)", workers, binding)
+
+
+def pp_layer_partition() -> list[int] | None:
+    """Layers per pipeline stage asked for with `VLLM_PP_LAYER_PARTITION` (vLLM's own switch), or None.  The model
+    validates it against the plan (`LayerPlan.pipeline_stages`) instead of letting vLLM cut anywhere."""
+    import vllm.envs as envs
+
+    raw = envs.VLLM_PP_LAYER_PARTITION
+    if not raw:
+        return None
+    try:
+        return [int(x) for x in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"VLLM_PP_LAYER_PARTITION={raw!r}: expected comma-separated layer counts") from None

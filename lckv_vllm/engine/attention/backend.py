@@ -2,18 +2,18 @@
 
 Why a backend of our own: vLLM's backends cannot express "a query must not see its own, not-yet-computed KV"
 (strict causal attention into another layer's pages).  Two page formats, one backend class each, chosen by the
-model from the resolved implementation (`backend_class`):
+chooser from the path's page format (`BACKENDS`):
 * `LCKVAttentionBackend` (torch and Triton paths): plain slots `[num_blocks * block_size, num_kv_heads,
   2 * head_size]`, K in the first half of the last axis and V in the second (vLLM's LBNHC physical layout:
   token-major pages);
-* `LCKVCpuAttentionBackend` (the `cpu` path, vLLM's own C++ kernels made strict, see `cpu.py`): the format those
+* `LCKVCpuAttentionBackend` (the `cpu` path, vLLM's own C++ kernels made strict, see `cpu_path.py`): the format those
   kernels own (head-major blocks, LBHNC, K transposed inside a block).  vLLM resolves one layout per engine from the
   backends' declarations, which is why the format is a property of the class, not of a call.
 
 The metadata builder makes the step object (`step.LCKVStep`) every layer reads.  The model does not go through
-`Attention.forward` (which reads and writes one layer's cache): a layer writes its own pages when it computes KV and
-reads the pages of the layer it attends to, which may be a different producer, through the engine's attention path
-(`base.AttentionPath`).  `LCKVAttentionImpl` below serves callers that do use `Attention.forward`.
+`Attention.forward` (which reads and writes one layer's cache): its op calls `LCKVAttentionImpl.run`, which writes
+the layer's own pages when it computes KV and reads the pages of the layer it attends to, which may be a different
+producer, through the engine's attention path (`base.AttentionPath`).  This module imports no path.
 """
 
 from __future__ import annotations
@@ -33,8 +33,14 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from lckv_vllm import BACKEND_NAME, CPU_BACKEND_NAME
+from .context import step_metadata
 from .step import LCKVStep, StepBuffers, make_step
+
+
+BACKEND_NAME = "LCKV_ATTN"  # the names `register()` registers the two classes under
+CPU_BACKEND_NAME = "LCKV_CPU_ATTN"  # same backend, pages in the format of vLLM's CPU kernels
+# vLLM's CPU kernels check the block size (vec16 variant: a multiple of 16, others 32; vLLM's CPU_ATTN asks for 32)
+CPU_BLOCK_SIZE_MULTIPLE = 16
 
 
 class LCKVAttentionBackend(AttentionBackend):
@@ -87,9 +93,7 @@ class LCKVCpuAttentionBackend(LCKVAttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        from .cpu import BLOCK_SIZE_MULTIPLE
-
-        return [MultipleOf(BLOCK_SIZE_MULTIPLE)]
+        return [MultipleOf(CPU_BLOCK_SIZE_MULTIPLE)]
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
@@ -127,13 +131,13 @@ class LCKVMetadataBuilder(AttentionMetadataBuilder[LCKVStep]):
 
 
 class LCKVAttentionImpl(AttentionImpl[LCKVStep]):
-    """The per-layer object vLLM constructs: the layer's flags and the engine's attention path (`lckv_path`).
+    """The one object that describes a layer's attention: built by vLLM's `Attention` from the `lckv_*` arguments
+    the model passes (its flags, the layer it reads, the engine's attention path, the streaming read).
 
-    `forward` / `do_kv_cache_update` serve a caller that goes through vLLM's `Attention.forward` (own pages, strict
-    only if the layer was built with `lckv_strict=True`).  The LCKV model calls its path directly instead.
+    `run` is the LCKV attention op (`vllm::lckv_attention`, model.py): write the layer's own K/V if it computes KV,
+    read the pages of the layer it attends to.  `forward` / `do_kv_cache_update` serve a caller that goes through
+    vLLM's `Attention.forward` (own pages only).
     """
-
-    default_path = "torch"  # for a layer built without `lckv_path`: a path that reads this class's page format
 
     def __init__(
         self,
@@ -147,18 +151,17 @@ class LCKVAttentionImpl(AttentionImpl[LCKVStep]):
         logits_soft_cap: float | None = None,
         attn_type: str = AttentionType.DECODER,
         kv_sharing_target_layer_name: str | None = None,
+        lckv_path=None,
         lckv_strict: bool = False,
         lckv_window: int | None = None,
-        lckv_path=None,
+        lckv_read_name: str | None = None,
+        lckv_computes_kv: bool = True,
+        lckv_streaming=None,
     ) -> None:
         if alibi_slopes is not None or (logits_soft_cap or 0) != 0:
             raise NotImplementedError("the LCKV attention backend supports neither ALiBi nor logit soft-capping")
         if lckv_path is None:
-            # No path handed over (a model other than ours picked this backend by name): the plain page format of
-            # this class serves the torch path on any device.
-            from .select import make_path
-
-            lckv_path = make_path(self.default_path)
+            raise ValueError("the LCKV attention backend serves LCKVLlamaForCausalLM only (no attention path given)")
         self.path = lckv_path
         self.num_heads = num_heads
         self.head_size = head_size
@@ -168,10 +171,47 @@ class LCKVAttentionImpl(AttentionImpl[LCKVStep]):
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.attn_type = attn_type
         self.strict = lckv_strict
-        # the LCKV model hands its reader's window over; vLLM's `sliding_window` is the window of the layer's own
-        # pages (a producer's page window), which is not always the window its queries read with
-        self.window = lckv_window if lckv_path is not None or lckv_window is not None else sliding_window
+        # the reader's window: vLLM's `sliding_window` is the window of the layer's own pages (a producer's page
+        # window), which is not always the window its queries read with
+        self.window = lckv_window
+        self.read_name = lckv_read_name  # the attention layer whose pages this one reads
+        self.computes_kv = lckv_computes_kv
+        self.streaming = lckv_streaming  # StreamingLLM mode: the engine's `StreamingRead`, else None
+        # while a dict (`segments.SegmentUnits.capture`, during a prefill pass): record the K/V this producer writes
+        self.capture: dict | None = None
 
+    # ---- the LCKV op ------------------------------------------------------------------------------------------------
+    def run(self, layer, layers: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            output: torch.Tensor) -> None:
+        """One layer's attention step (`layers`: the forward context's attention layers by name)."""
+        step = step_metadata(self.read_name)
+        if step is None:  # profiling / dummy run: no pages bound yet
+            output.zero_()
+            return
+        t = step.num_actual_tokens
+        if self.computes_kv:
+            self.write_own_kv(layer, step, k, v, t)
+        qv, ov = q[:t].view(t, self.num_heads, self.head_size), output[:t].view(t, self.num_heads, self.head_size)
+        pages = layers[self.read_name].kv_cache
+        if self.streaming is not None:  # sinks + window, keys rotated at their cache positions
+            self.path.attend_streaming(qv, pages, step, scale=self.scale, strict=self.strict, out=ov,
+                                       read=self.streaming)
+        else:
+            self.path.attend(qv, pages, step, scale=self.scale, strict=self.strict, window=self.window, out=ov)
+        if t < output.shape[0]:
+            output[t:] = 0
+
+    def write_own_kv(self, layer, step: LCKVStep, k: torch.Tensor, v: torch.Tensor, t: int) -> None:
+        """This producer's K/V write for the step's first `t` tokens (recorded first while the prefill measures
+        how far a pass moved them)."""
+        if self.capture is not None:
+            self.capture[layer.layer_name] = torch.cat([k[:t], v[:t]], -1)
+        # its own pages may sit in another KV-cache group than the pages it reads (windowed pages): own slots
+        own = step if self.read_name == layer.layer_name else step_metadata(layer.layer_name)
+        self.path.write_kv(k[:t].view(t, self.num_kv_heads, self.head_size),
+                           v[:t].view(t, self.num_kv_heads, self.head_size), layer.kv_cache, own.slot_mapping, own)
+
+    # ---- vLLM's generic route ---------------------------------------------------------------------------------------
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         if attn_metadata is None:  # profiling / warm-up run
@@ -190,7 +230,11 @@ class LCKVAttentionImpl(AttentionImpl[LCKVStep]):
 
 
 class LCKVCpuAttentionImpl(LCKVAttentionImpl):
-    default_path = "cpu"
+    pass
+
+
+# The backend class that declares each page format (`AttentionPath.page_format`).
+BACKENDS: dict[str, type[LCKVAttentionBackend]] = {"plain": LCKVAttentionBackend, "cpu": LCKVCpuAttentionBackend}
 
 
 def _step_of(layer) -> LCKVStep | None:

@@ -1,11 +1,13 @@
 """`AttentionPath`: the one small interface every attention implementation of the plugin implements.
 
-A path owns a page format (hence a vLLM backend class) and the three operations a layer needs on it:
-`write_kv` (store this step's K/V of a producer), `zero_slots` (the zero start of an iterative prefill) and `attend`
-(read the pages of the layer a layer attends to, writing into the caller's `out`).  One path is chosen per engine
-at start-up (`select.py`) and handed to every layer: the page format is engine-wide, and no step re-decides.
+A path owns a page format (`page_format`, which `backend.BACKENDS` maps to the vLLM backend class that declares it)
+and the operations a layer needs on it: `write_kv` (store this step's K/V of a producer), `zero_slots` (the zero
+start of an iterative prefill), `attend` (read the pages of the layer a layer attends to, writing into the caller's
+`out`) and `attend_streaming` (the same in StreamingLLM mode: sinks + window, keys rotated when read).  One path is
+chosen per engine at start-up (`chooser.py`) and handed to every layer: the page format is engine-wide, and no step
+re-decides.  This module imports no path; only the chooser knows them all.
 
-Paths: `torch_path.TorchPath` (portable gather + SDPA), `cpu.CpuPath` (vLLM's C++ kernels made strict),
+Paths: `torch_path.TorchPath` (portable gather + SDPA), `cpu_path.CpuPath` (vLLM's C++ kernels made strict),
 `triton_path.TritonPath` (the Triton kernels in `lckv_vllm.kernels`).
 """
 
@@ -20,11 +22,7 @@ from .step import LCKVStep
 
 class AttentionPath(ABC):
     name: str  # "torch" | "cpu" | "triton": what logs, metrics and tests report
-
-    @property
-    @abstractmethod
-    def backend(self) -> type:
-        """The vLLM attention backend class that declares this path's page format."""
+    page_format: str = "plain"  # "plain" (token-major slots, `slot_view`) | "cpu" (vLLM's CPU kernels' own format)
 
     @abstractmethod
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -44,6 +42,12 @@ class AttentionPath(ABC):
         `strict`: the query at position t sees keys < t (a query with no visible key outputs exactly 0); else <= t.
         `window`: only positions t-window+1 ... t are visible (minus t itself when strict).  Returns `out`.
         """
+
+    @abstractmethod
+    def attend_streaming(self, q: torch.Tensor, kv_cache: torch.Tensor, step: LCKVStep, *, scale: float,
+                         strict: bool, out: torch.Tensor, read) -> torch.Tensor:
+        """StreamingLLM attention (`read`: the engine's `streaming_read.StreamingRead`: sinks, window, RoPE) over
+        pages of unrotated keys into `out`.  Returns `out`."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

@@ -59,9 +59,6 @@ class LCKVStep:
     later_passes: dict | None = None  # pass k -> (rows, sub-step) of the rows that pass k must recompute
     prefill_blocks: tuple | None = None  # prefill blocks as rounds (rows, sub-step, requests); () = none (prefill.py)
     kv_version: int = 0  # bumped by every write to any pages during the step: invalidates `gathered`
-    # adaptive prefill (prefill.py): while a dict, every producer that runs records the K/V it writes,
-    # layer name -> [num_actual_tokens, 2 * num_kv_heads * head_dim] (K then V, as written)
-    kv_capture: dict | None = None
     # several KV-cache groups: every group's step of this batch, this one included, in one shared order (None: one
     # group); for a sub-step, `origin` is the step it was cut from
     family: list | None = None
@@ -70,11 +67,6 @@ class LCKVStep:
     @property
     def members(self) -> list:
         return self.family if self.family is not None else [self]
-
-    def set_capture(self, capture: dict | None) -> None:
-        """Start (a dict) or stop (None) recording producer K/V on every group's step: one dict for all."""
-        for m in self.members:
-            m.kv_capture = capture
 
     @property
     def is_decode_only(self) -> bool:

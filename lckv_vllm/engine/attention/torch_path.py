@@ -18,12 +18,6 @@ from .step import LCKVStep
 class TorchPath(AttentionPath):
     name = "torch"
 
-    @property
-    def backend(self) -> type:
-        from .backend import LCKVAttentionBackend
-
-        return LCKVAttentionBackend
-
     def write_kv(self, key, value, kv_cache, slot_mapping, step=None) -> None:
         slots = slot_view(kv_cache)
         if step is not None:
@@ -71,6 +65,10 @@ class TorchPath(AttentionPath):
             o = torch.where(has_key[:, :, None, None], o, 0.0)
         out.copy_(o[:, 0] if idx.single_query else o[idx.q_valid])
         return out
+
+
+    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, read):
+        return read.gather_attend(q, kv_cache, step, scale=scale, strict=strict, out=out)
 
 
 class _StepIndex:

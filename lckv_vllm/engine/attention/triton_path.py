@@ -63,23 +63,21 @@ def unsupported_reason(head_size: int, num_queries_per_kv: int) -> str | None:
 class TritonPath(AttentionPath):
     name = "triton"
 
-    @property
-    def backend(self) -> type:
-        from .backend import LCKVAttentionBackend
-
-        return LCKVAttentionBackend
-
     def write_kv(self, key, value, kv_cache, slot_mapping, step=None) -> None:
         _kernels()[0].write_kv(key, value, slot_view(kv_cache), slot_mapping)
 
     def zero_slots(self, kv_cache, step) -> None:
         _kernels()[0].zero_slots(slot_view(kv_cache), step.slot_mapping)
 
-    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, streaming):
-        """StreamingLLM reads (`streaming` = (sink tokens, window, RoPE base)) over pages of unrotated keys."""
-        return self.attend(q, kv_cache, step, scale=scale, strict=strict, window=None, out=out, streaming=streaming)
+    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, read):
+        """The kernel walks each tile's sink range and window range and rotates in registers."""
+        return self._paged(q, kv_cache, step, scale=scale, strict=strict, window=None, out=out,
+                           streaming=(read.s.sink_tokens, read.s.window, read.theta))
 
-    def attend(self, q, kv_cache, step, *, scale, strict, window, out, streaming=None):
+    def attend(self, q, kv_cache, step, *, scale, strict, window, out):
+        return self._paged(q, kv_cache, step, scale=scale, strict=strict, window=window, out=out, streaming=None)
+
+    def _paged(self, q, kv_cache, step, *, scale, strict, window, out, streaming):
         if kv_cache.dim() != 4:
             raise ValueError("the Triton path needs vLLM's 4-D page tensor (it reads the block size from it)")
         return _kernels()[1].paged_attention(

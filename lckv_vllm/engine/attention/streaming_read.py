@@ -5,7 +5,7 @@ rotary embedding (the model skips vLLM's rotary in this mode).  Per step, once (
 for each sequence the positions it can read at all: the sinks [0, min(S, seq_len)) and the window from
 max(S, first query - W + 1) to its last token; so a decode step gathers at most S + W keys however long the stream,
 and time per token stays flat.  vLLM's block manager has freed the pages in between (`SinkWindowSpec`,
-vllm_patches item 10); this index never touches them.
+`sink_window_pages.py`); this index never touches them.
 
 Rotary at read time (docs/semantics.md, "Streaming"): a sink key j is rotated at j and read by the query rotated at
 t - shift(t); a window key j is rotated at j - c and read by the query rotated at t - c, where c is one per sequence
@@ -19,9 +19,9 @@ Angles are computed in float64 from the model's RoPE frequencies; none exceeds S
 Consecutive layers reading the same producer share one gathered, rotated copy while no pages changed
 (`LCKVStep.kv_version`), as in the torch path.
 
-On the Triton path the same reads run in the paged-attention kernel (`lckv_vllm.kernels.paged_attention`,
-`streaming=`): it walks the sink range and the window range of each tile and rotates queries and key tiles in
-registers, with the same positions as here.
+`TorchPath.attend_streaming` runs `gather_attend`.  On the Triton path the same reads run in the paged-attention
+kernel (`lckv_vllm.kernels.paged_attention`, `streaming=`): it walks the sink range and the window range of each tile
+and rotates queries and key tiles in registers, with the same positions as here.
 """
 
 from __future__ import annotations
@@ -35,19 +35,17 @@ from .step import LCKVStep
 
 
 class StreamingRead:
-    """The read of every layer of a streaming engine (one object per engine)."""
+    """What every layer of a streaming engine reads with (one object per engine): the mode's sinks and window, the
+    RoPE frequencies, and the portable gather implementation (`gather_attend`, the torch path's)."""
 
-    def __init__(self, streaming: Streaming, head_dim: int, rope_theta: float, path=None):
+    def __init__(self, streaming: Streaming, head_dim: int, rope_theta: float):
         self.s = streaming
         self.head_dim = head_dim
         self.theta = rope_theta
-        self.kernel_path = path if getattr(path, "name", None) == "triton" else None
         self.inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
-    def attend(self, q, kv_cache, step: LCKVStep, *, scale: float, strict: bool, out: torch.Tensor) -> torch.Tensor:
-        if self.kernel_path is not None:
-            return self.kernel_path.attend_streaming(q, kv_cache, step, scale=scale, strict=strict, out=out,
-                                                     streaming=(self.s.sink_tokens, self.s.window, self.theta))
+    def gather_attend(self, q, kv_cache, step: LCKVStep, *, scale: float, strict: bool,
+                      out: torch.Tensor) -> torch.Tensor:
         T, Hq, D = q.shape
         block_size = kv_cache.shape[2] if kv_cache.dim() == 4 else None
         slots = slot_view(kv_cache)

@@ -1,15 +1,16 @@
 """Choosing an engine's attention path, once, when vLLM builds the model.
 
 `LCKV_ATTENTION_IMPL` (read into `Settings.attention_impl`):
-* `auto` (default): Triton on CUDA; on CPU vLLM's own C++ kernels (`cpu.py`), or torch for shapes they lack;
+* `auto` (default): Triton on CUDA; on CPU vLLM's own C++ kernels (`cpu_path.py`), or torch for shapes they lack;
 * `cpu`: vLLM's CPU kernels made strict; their pages are in the kernels' private format;
 * `triton`: the kernels in `lckv_vllm.kernels`, on CUDA or under Triton's interpreter;
 * `torch`: the portable gather + SDPA path.
 Every layer of a model gets the same path (the page format, hence the vLLM backend class, is engine-wide).  `auto`
 falls back to torch for shapes the preferred kernels do not cover, with a log line; an explicit `cpu`/`triton` for
 such a shape is an error raised here, at start-up, rather than at the first request.  StreamingLLM mode
-(`lckv_streaming`) needs the plain page format (its reads rotate stored keys, `streaming.py`): `auto` on CPU takes
-the torch path, and an explicit `cpu` is an error.
+(`lckv_streaming`) needs the plain page format (its reads rotate stored keys, `streaming_read.py`): `auto` on CPU
+takes the torch path, and an explicit `cpu` is an error.  This is the one module that knows every path, and the one
+that maps a path to the vLLM backend class of its page format (`backend_for`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,20 @@ import logging
 import torch
 
 from lckv_vllm.settings import ATTENTION_IMPL_ENV, Settings
+from .backend import BACKENDS
 from .base import AttentionPath
 
 logger = logging.getLogger("lckv_vllm")
 
 
+def backend_for(path: AttentionPath) -> type:
+    """The vLLM attention backend class that declares `path`'s page format (what `Attention(attn_backend=)` gets)."""
+    return BACKENDS[path.page_format]
+
+
 def make_path(name: str) -> AttentionPath:
     if name == "cpu":
-        from .cpu import CpuPath
+        from .cpu_path import CpuPath
 
         return CpuPath()
     if name == "triton":
@@ -56,12 +63,12 @@ def select_path(settings: Settings, device: torch.device | str | None, head_size
     if name == "cpu" and streaming:
         problem = "lckv_streaming (keys rotated when read need the plain page format)"
     elif name == "cpu":
-        from . import cpu
+        from . import cpu_path
 
         if device is not None and torch.device(device).type != "cpu":
             problem = f"device {device} (vLLM's CPU kernels run on CPU only)"
         else:
-            problem = cpu.unsupported_reason(head_size, dtype, block_size)
+            problem = cpu_path.unsupported_reason(head_size, dtype, block_size)
     elif name == "triton":
         from . import triton_path
 

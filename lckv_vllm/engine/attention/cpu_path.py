@@ -16,21 +16,22 @@ pages in place, where the portable torch path (`torch_path.py`) gathers every se
 
 Checked against the float64 reference in `tests/test_cpu_attention.py` (strict and causal, windows, GQA, block
 sizes 16/32/128, positions 0, one-token prompts).  The kernels themselves are vLLM internals, reached only through
-`vllm_patches.py` (item 7).
+`cpu_kernels.py`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import vllm_patches as vp
+from . import cpu_kernels as ck
+from .backend import CPU_BLOCK_SIZE_MULTIPLE
 from .base import AttentionPath
 from .step import LCKVStep
 
 # Head sizes vLLM 0.32's CPU attention kernels are compiled for (CPUAttentionBackend.get_supported_head_sizes).
 SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BLOCK_SIZE_MULTIPLE = 16  # the kernels check it (vec16 variant: 16, others 32); vLLM's CPU_ATTN asks for 32
+BLOCK_SIZE_MULTIPLE = CPU_BLOCK_SIZE_MULTIPLE  # the page format's block constraint, declared by the backend
 
 
 def unsupported_reason(head_size: int, dtype: torch.dtype | None = None, block_size: int | None = None) -> str | None:
@@ -41,7 +42,7 @@ def unsupported_reason(head_size: int, dtype: torch.dtype | None = None, block_s
         return f"dtype {dtype}"
     if block_size is not None and block_size % BLOCK_SIZE_MULTIPLE:
         return f"block size {block_size} (vLLM's CPU kernels need a multiple of {BLOCK_SIZE_MULTIPLE})"
-    return vp.cpu_kernels_unavailable_reason()
+    return ck.unavailable_reason()
 
 
 def _split(kv_cache: torch.Tensor):
@@ -81,7 +82,7 @@ class _CpuState:
         key = (strict, window, num_heads, num_kv_heads, head_size, dtype, isa)
         meta = self.scheduler.get(key)
         if meta is None:
-            meta = self.scheduler[key] = vp.cpu_attention_schedule(
+            meta = self.scheduler[key] = ck.attention_schedule(
                 num_reqs=step.num_reqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_size,
                 seq_lens=step.strict_seq_lens if strict else step.seq_lens, dtype=dtype,
                 query_start_loc=self.strict_query_start_loc if strict else step.query_start_loc,
@@ -98,17 +99,12 @@ def _state(step: LCKVStep) -> _CpuState:
 
 class CpuPath(AttentionPath):
     name = "cpu"
-
-    @property
-    def backend(self) -> type:
-        from .backend import LCKVCpuAttentionBackend
-
-        return LCKVCpuAttentionBackend
+    page_format = "cpu"
 
     def write_kv(self, key, value, kv_cache, slot_mapping, step=None) -> None:
         k_cache, v_cache = _split(kv_cache)
-        isa = vp.cpu_attention_isa(key.dtype, kv_cache.shape[2], key.shape[-1])
-        vp.cpu_write_kv(key, value, k_cache, v_cache, slot_mapping, isa)
+        isa = ck.attention_isa(key.dtype, kv_cache.shape[2], key.shape[-1])
+        ck.write_kv(key, value, k_cache, v_cache, slot_mapping, isa)
 
     def zero_slots(self, kv_cache, step) -> None:
         """A write of zeros through the kernels' own write op (only it knows the page format)."""
@@ -123,7 +119,7 @@ class CpuPath(AttentionPath):
         st = _state(step)
         kernel_window = -1 if window is None else (window - 1 if strict else window)
         k_cache, v_cache = _split(kv_cache)
-        isa = vp.cpu_attention_isa(q.dtype, kv_cache.shape[2], d)
+        isa = ck.attention_isa(q.dtype, kv_cache.shape[2], d)
         meta = st.scheduler_metadata(step, strict, kernel_window, hq, kv_cache.shape[1], d, q.dtype, isa)
         packed = strict and st.strict_rows is not None
         if packed:
@@ -132,7 +128,7 @@ class CpuPath(AttentionPath):
             q_in, o = q.index_select(0, st.strict_rows), q.new_empty(st.strict_rows.numel(), hq, d)
         else:
             q_in, o = q, out
-        vp.cpu_attention(
+        ck.attention(
             query=q_in, key_cache=k_cache, value_cache=v_cache, output=o,
             query_start_loc=st.strict_query_start_loc if strict else step.query_start_loc,
             seq_lens=step.strict_seq_lens if strict else step.seq_lens, scale=scale,
@@ -142,3 +138,7 @@ class CpuPath(AttentionPath):
             out.index_copy_(0, st.strict_rows, o)
             out.index_fill_(0, st.position0_rows, 0.0)
         return out
+
+    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, read):
+        # the chooser never gives a streaming engine this path: rotating stored keys needs the plain page format
+        raise NotImplementedError("StreamingLLM reads need the plain page format (torch or Triton path)")
