@@ -104,9 +104,10 @@ def _speculative(methods: tuple[str, ...] | None):
     return detect
 
 
-_SPEC_NGRAM = ("ngram", "ngram_gpu", "suffix")
+_SPEC_NGRAM = ("ngram",)
+_SPEC_UNTESTED = ("ngram_gpu", "suffix")
 _SPEC_DRAFT = ("draft_model",)
-_SPEC_ROWS = _SPEC_NGRAM + _SPEC_DRAFT
+_SPEC_ROWS = _SPEC_NGRAM + _SPEC_UNTESTED + _SPEC_DRAFT
 
 
 def _lora(cfg) -> str | None:
@@ -180,7 +181,7 @@ FEATURES: tuple[Feature, ...] = (
         instead="serve with --kv-cache-dtype auto (pages in the model dtype)",
         tests="tests/test_features.py", detect=_kv_cache_dtype),
     Feature(
-        "spec-ngram", "speculative decoding: `ngram`, `suffix` (`--speculative-config`)",
+        "spec-ngram", "speculative decoding: `ngram` (`--speculative-config`)",
         _all("exact", "verify tokens are encoded one per sub-step, as decode would: greedy output equals plain "
                       "decoding", streaming=_NO_SPEC_STREAMING,
              cyclic=Cell("exact", "the k+1 verify tokens are encoded one after another (k+1 runs of the cyclic "
@@ -188,6 +189,11 @@ FEATURES: tuple[Feature, ...] = (
                                   "to gain on cyclic plans")),
         instead="serve without --speculative-config", tests="tests/test_features.py",
         detect=_speculative(_SPEC_NGRAM)),
+    Feature(
+        "spec-suffix", "speculative decoding: `suffix`, `ngram_gpu`",
+        _all("untested", "the target verifies as with ngram, but these proposers never ran with an LCKV plan (suffix "
+                         "needs the arctic-inference package, ngram_gpu a GPU)", streaming=_NO_SPEC_STREAMING),
+        instead="use method 'ngram', or serve without --speculative-config", detect=_speculative(_SPEC_UNTESTED)),
     Feature(
         "spec-draft-model", "speculative decoding: `draft_model` (an LCKV checkpoint may be the draft too)",
         _all("exact", "the target verifies as with ngram; an LCKV draft of any plan only proposes tokens",
