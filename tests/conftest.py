@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from lckv_vllm.tools.checkpoint import make_preset
+from lckv_vllm.tools.harness import model_of, offline_engine
+
+__all__ = ["model_of"]  # the tests and *_run.py scripts import it from here
 
 MAX_MODEL_LEN = 512
 BLOCK_SIZE = 16
@@ -41,10 +44,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def engine(model_dir):
     """engine(preset or path, **engine_kwargs) -> a cached vllm.LLM."""
-    from vllm import LLM
-
-    from lckv_vllm.tools.env import temporary_env
-
     cache: dict = {}
 
     def get(model: str, env: dict | None = None, **kw):
@@ -55,16 +54,10 @@ def engine(model_dir):
             args = dict(dtype="float32", kv_cache_memory_bytes=64 << 20, max_model_len=MAX_MODEL_LEN, seed=0,
                         block_size=BLOCK_SIZE, max_num_seqs=16, enforce_eager=True)
             args.update(kw)
-            with temporary_env(env):
-                cache[key] = LLM(path, **args)
+            cache[key] = offline_engine(path, env, **args)
         return cache[key]
 
     return get
-
-
-def model_of(llm):
-    """The model object inside an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
 
 
 def random_prompt(n: int, seed: int) -> list[int]:

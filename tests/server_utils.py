@@ -1,68 +1,19 @@
-"""Helpers for the HTTP server tests: start a server subprocess on a free loopback port, wait for it, read its
-/metrics, and stop it with SIGTERM."""
+"""Helpers for the HTTP server tests: start a server subprocess on a free loopback port and wait for it (through
+lckv_vllm.tools.harness, as the benchmarks and load tests do), read its /metrics, stop it with SIGTERM."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from lckv_vllm.tools.harness import free_port, log_tail, parse_metrics, stop_process  # noqa: F401  (re-exported)
+from lckv_vllm.tools.harness import BIN, Server, free_port, parse_metrics, server_env
+from lckv_vllm.tools.harness import start_server as _start
 
-BIN = Path(sys.executable).parent
-
-
-def server_env(**extra: str) -> dict:
-    env = dict(os.environ)
-    # conftest.py sets this for in-process engines; a server should run the way users run it.
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.update(extra)
-    return env
+__all__ = ["BIN", "Server", "StubEngine", "free_port", "parse_metrics", "server_env", "start_server"]
 
 
-@dataclass
-class ServerProc:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    def log_tail(self, n: int = 60) -> str:
-        return log_tail(self.log, n)
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM the server (not its process group: the server must clean up its engine itself)."""
-        return stop_process(self.proc, timeout)
-
-    def kill_group(self) -> None:
-        """Last resort for fixtures: whatever is left of the server's process group."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def start_server(cmd: list[str], log: Path, env: dict, port: int, timeout: float = 240) -> ServerProc:
-    out = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    srv = ServerProc(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready:\n{srv.log_tail()}")
-        try:
-            with urllib.request.urlopen(srv.url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return srv
-        except OSError:
-            time.sleep(0.5)
-    srv.kill_group()
-    raise TimeoutError(f"server not ready after {timeout:.0f} s:\n{srv.log_tail()}")
+def start_server(cmd: list[str], log: Path, env: dict, port: int, timeout: float = 240) -> Server:
+    """The server of `cmd` (listening on 127.0.0.1:`port`), ready; on failure the error carries its log tail."""
+    return _start(cmd, log, f"http://127.0.0.1:{port}", env, timeout=timeout, poll=0.5, tail=60)
 
 
 class StubEngine:

@@ -167,8 +167,7 @@ def test_identity_plan_matches_vllm_llama(engine, model_dir, tmp_path):
     prompts = [random_prompt(n, seed=60 + n) for n in LENGTHS]
     ours = generate(engine("tiny-identity"), prompts)
     theirs = generate(engine(str(llama_dir), block_size=32), prompts)
-    assert type(engine(str(llama_dir), block_size=32).llm_engine.model_executor.driver_worker.worker
-                .model_runner.model).__name__ == "LlamaForCausalLM"
+    assert type(model_of(engine(str(llama_dir), block_size=32))).__name__ == "LlamaForCausalLM"
     for (t1, l1, _), (t2, l2, _) in zip(ours, theirs):
         assert t1 == t2
         assert max(abs(a - b) for a, b in zip(l1, l2)) < MAX_DLOGPROB
@@ -183,7 +182,7 @@ def test_capacity_ratio_is_layers_over_producers(engine):
     budget = 48 << 20
     w2 = engine("tiny-w2", kv_cache_memory_bytes=budget)
     ident = engine("tiny-identity", kv_cache_memory_bytes=budget)
-    plan = w2.llm_engine.model_executor.driver_worker.worker.model_runner.model.plan
+    plan = model_of(w2).plan
     ratio = plan.num_layers / len(plan.producers)
     assert ratio == 2.0
     assert abs(_kv_tokens(w2) - ratio * _kv_tokens(ident)) <= ratio * BLOCK_SIZE
