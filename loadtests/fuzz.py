@@ -1,7 +1,7 @@
 """Fuzz lckv-serve with schemathesis, driven by the server's own /openapi.json: no 5xx, and every response conforms.
 
-    .venv/bin/python loadtests/fuzz.py --examples 300 --out benchmarks/results/fuzz.json
-    .venv/bin/python loadtests/fuzz.py --url http://127.0.0.1:8000 --api-key KEY --examples 50
+    .venv/bin/python -m loadtests.fuzz --examples 300 --out benchmarks/results/fuzz.json
+    .venv/bin/python -m loadtests.fuzz --url http://127.0.0.1:8000 --api-key KEY --examples 50
 
 Without --url the script starts lckv-serve on a tiny model (preset tiny-w2, built in a temporary directory) with
 small caps (--max-n 4, --max-tokens-limit 16) so that each generated request costs little, and stops it at the
@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SERVER_ARGS = ["--max-model-len", "256", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(64 << 20),
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON report (default: print a summary only)")
     args = p.parse_args(argv)
 
-    from common import command_args, machine, model_path, start_server
+    from loadtests.common import command_line, write_results, machine, model_path, start_server
 
     srv = None
     report: dict = {}
@@ -165,12 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                 report["server_log_has_traceback"] = "Traceback" in log_text
                 report["server_log_has_api_key"] = key in log_text
     report["setup"] = {**machine(), "server_args": None if args.url else SERVER_ARGS, "model": args.model,
-                       "command": "python loadtests/fuzz.py " + " ".join(command_args(argv))}
+                       "command": command_line("loadtests.fuzz", argv)}
     report["base_url"] = "http://127.0.0.1:<port>"
-    text = json.dumps(report, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_results(args.out, report)
     print(f"fuzz: {report['cases']} cases over {len(report['operations'])} operations, "
           f"{report['failure_count']} failures, {report['seconds']} s; after: {report['after']}")
     for f in report["failures"][:20]:

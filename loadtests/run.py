@@ -1,7 +1,7 @@
 """Run the locust load test against lckv-serve for an LCKV model and its baselines, and write one JSON report.
 
-    .venv/bin/python loadtests/run.py                       # tiny-w2 vs tiny-identity vs vLLM's own Llama
-    .venv/bin/python loadtests/run.py --models bench-w2 bench-identity llama:bench-identity --requests 96
+    .venv/bin/python -m loadtests.run                       # tiny-w2 vs tiny-identity vs vLLM's own Llama
+    .venv/bin/python -m loadtests.run --models bench-w2 bench-identity llama:bench-identity --requests 96
 
 A model is a preset name (built into a temporary directory), a checkpoint directory, or `llama:PRESET`: the
 identity preset exported as a plain Llama checkpoint, which vLLM serves with its own LlamaForCausalLM (the
@@ -17,18 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
 
 
 def _prepare(spec: str, tmp: Path) -> tuple[str, Path]:
@@ -47,48 +41,41 @@ def _prepare(spec: str, tmp: Path) -> tuple[str, Path]:
 
 
 def _run_one(name: str, path: Path, args, tmp: Path) -> dict:
-    from lckv_vllm.tools.harness import free_port, read_metrics, wait_ready
+    from lckv_vllm.tools.harness import (BIN, ServerStartError, free_port, lckv_serve_cmd, read_metrics, serve,
+                                         server_env)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp / f"{name.replace(':', '-')}-server.log"
-    cmd = [str(BIN / "lckv-serve"), str(path), "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", name, "--dtype", args.dtype, "--block-size", str(args.block_size),
-           "--kv-cache-memory-bytes", str(args.kv_bytes), "--max-num-seqs", str(args.users),
-           "--max-model-len", str(args.prompt_tokens * 2 + args.max_tokens + 64), "--seed", str(args.seed)]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    cmd = lckv_serve_cmd(path, port, "--served-model-name", name, "--dtype", args.dtype,
+                         "--block-size", str(args.block_size), "--kv-cache-memory-bytes", str(args.kv_bytes),
+                         "--max-num-seqs", str(args.users),
+                         "--max-model-len", str(args.prompt_tokens * 2 + args.max_tokens + 64),
+                         "--seed", str(args.seed))
+    env = server_env(TOKENIZERS_PARALLELISM="false")
     print(f"[{name}] starting lckv-serve on {url}", flush=True)
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # one warm-up request so that the first measured TTFT is not the engine's first-step set-up
     try:
-        try:
-            wait_ready(url, proc, timeout=300)
-        except (RuntimeError, TimeoutError) as e:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            raise SystemExit(f"[{name}] {e}; last lines of {log.name}:\n{tail}") from None
-        # one warm-up request so that the first measured TTFT is not the engine's first-step set-up
-        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(
-            {"prompt": "warm up", "max_tokens": 2}).encode(), headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(req, timeout=120).read()
-        out = tmp / f"{name.replace(':', '-')}-load.json"
-        load_env = dict(env, LCKV_LOAD_MODEL=name, LCKV_LOAD_PROMPT_TOKENS=str(args.prompt_tokens),
-                        LCKV_LOAD_MAX_TOKENS=str(args.max_tokens), LCKV_LOAD_REQUESTS=str(args.requests),
-                        LCKV_LOAD_SEED=str(args.seed), LCKV_LOAD_OUT=str(out))
-        locust = [str(BIN / "locust"), "-f", str(HERE / "locustfile.py"), "--headless", "-H", url,
-                  "-u", str(args.users), "-r", str(args.users), "-t", f"{args.run_time}s", "--stop-timeout", "30",
-                  "--only-summary", "--loglevel", "WARNING"]
-        print(f"[{name}] locust: {args.users} users, {args.requests} requests, at most {args.run_time} s", flush=True)
-        subprocess.run(locust, env=load_env, timeout=args.run_time + 120, check=False, stdout=subprocess.DEVNULL)
-        result = json.loads(out.read_text())
-        kv = {k: v for k, v in read_metrics(url).items() if k.startswith(("lckv_kv_", "lckv_requests_total"))}
-        result["kv"] = {k.removeprefix("lckv_kv_"): v for k, v in kv.items() if k.startswith("lckv_kv_")}
-        return result
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        with serve(cmd, log, url, env, name=name, timeout=300, tail=30, warmup={"prompt": "warm up", "max_tokens": 2},
+                   warmup_timeout=120):
+            out = tmp / f"{name.replace(':', '-')}-load.json"
+            load_env = dict(env, LCKV_LOAD_MODEL=name, LCKV_LOAD_PROMPT_TOKENS=str(args.prompt_tokens),
+                            LCKV_LOAD_MAX_TOKENS=str(args.max_tokens), LCKV_LOAD_REQUESTS=str(args.requests),
+                            LCKV_LOAD_SEED=str(args.seed), LCKV_LOAD_OUT=str(out))
+            locust = [str(BIN / "locust"), "-f", str(HERE / "locustfile.py"), "--headless", "-H", url,
+                      "-u", str(args.users), "-r", str(args.users), "-t", f"{args.run_time}s",
+                      "--stop-timeout", "30", "--only-summary", "--loglevel", "WARNING"]
+            print(f"[{name}] locust: {args.users} users, {args.requests} requests, at most {args.run_time} s",
+                  flush=True)
+            subprocess.run(locust, env=load_env, timeout=args.run_time + 120, check=False,
+                           stdout=subprocess.DEVNULL)
+            result = json.loads(out.read_text())
+            kv = {k: v for k, v in read_metrics(url).items()
+                  if k.startswith(("lckv_kv_", "lckv_requests_total"))}
+            result["kv"] = {k.removeprefix("lckv_kv_"): v for k, v in kv.items() if k.startswith("lckv_kv_")}
+            return result
+    except ServerStartError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _ratios(result: dict, base: dict) -> dict:
@@ -120,17 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    import vllm
 
-    import lckv_vllm
+    from lckv_vllm.tools.harness import machine, write_results
 
     report = {
-        "setup": {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-                  "python": platform.python_version(), "vllm": vllm.__version__, "torch": torch.__version__,
-                  "lckv_vllm": lckv_vllm.__version__, "dtype": args.dtype, "block_size": args.block_size,
-                  "kv_cache_bytes": args.kv_bytes, "users": args.users, "requests": args.requests,
-                  "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "seed": args.seed,
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "setup": {**machine(short=True), "torch": torch.__version__, "dtype": args.dtype,
+                  "block_size": args.block_size, "kv_cache_bytes": args.kv_bytes, "users": args.users, "requests": args.requests,
+                  "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "seed": args.seed},
         "models": {},
     }
     with tempfile.TemporaryDirectory(prefix="lckv-load-") as d:
@@ -143,11 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios_vs"] = base_name
     for name, res in report["models"].items():
         res["ratios"] = _ratios(res, base)
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_results(args.out, report)
     failed = sum(r["failed"] for r in report["models"].values())
     return 1 if failed else 0
 

@@ -1,8 +1,8 @@
 """Soak test: locust at saturation against lckv-serve on a tiny model, for a fixed time; no failure, flat memory,
 steady tail latency.
 
-    .venv/bin/python loadtests/soak.py --duration 600 --out benchmarks/results/soak.json     # the 10-minute run
-    .venv/bin/python loadtests/soak.py --duration 60 --bucket 10 --out /tmp/soak-smoke.json   # a smoke run
+    .venv/bin/python -m loadtests.soak --duration 600 --out benchmarks/results/soak.json     # the 10-minute run
+    .venv/bin/python -m loadtests.soak --duration 60 --bucket 10 --out /tmp/soak-smoke.json   # a smoke run
 
 The script starts lckv-serve (preset tiny-w2 in a temporary directory, 127.0.0.1 only, --max-num-seqs 16), sends
 one warm-up request, then runs locust in-process with --users simulated users (default 32: twice max_num_seqs, so
@@ -36,8 +36,6 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from urllib.parse import urlparse  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SERVER_ARGS = ["--max-model-len", "512", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(64 << 20),
@@ -199,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from common import command_args, machine, model_path, post_json, start_server
+    from loadtests.common import command_line, write_results, machine, model_path, post_json, start_server
 
     report: dict = {}
     with tempfile.TemporaryDirectory(prefix="lckv-soak-") as d:
@@ -221,11 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     report["server_log_has_traceback"] = "Traceback" in log_text
     report["setup"] = {**machine(), "label": args.label, "server_args": SERVER_ARGS,
                        "prompt_words": args.prompt_words, "max_tokens": args.max_tokens, "seed": args.seed,
-                       "command": "python loadtests/soak.py " + " ".join(command_args(argv))}
-    text = json.dumps(report, indent=2)
+                       "command": command_line("loadtests.soak", argv)}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_results(args.out, report)
     v = report["verdict"]
     print(f"soak: {report['requests']} requests, {report['failures']} failures, {report['requests_per_s']} req/s; "
           f"RSS {report['rss_bytes']['after_warmup'] / 2**20:.0f} -> {report['rss_bytes']['end'] / 2**20:.0f} MiB "

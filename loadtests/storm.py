@@ -1,7 +1,7 @@
 """Disconnect storm: streaming requests abandoned at random points; afterwards the engine must be empty.
 
-    .venv/bin/python loadtests/storm.py [--requests 200] [--concurrency 64] [--out FILE]
-    .venv/bin/python loadtests/storm.py --url http://127.0.0.1:8000 --api-key KEY --model NAME
+    .venv/bin/python -m loadtests.storm [--requests 200] [--concurrency 64] [--out FILE]
+    .venv/bin/python -m loadtests.storm --url http://127.0.0.1:8000 --api-key KEY --model NAME
 
 Each request is a streamed /v1/completions or /v1/chat/completions (ignore_eos, up to --max-tokens tokens, n 1 or
 2), and each client goes away at a point drawn at random (seeded): half-way through sending its body, right after
@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 POINTS = ("mid-body", "after-send", "after-headers", "after-events", "random-time")
@@ -193,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from common import command_args, machine, model_path, read_metrics, start_server
+    from loadtests.common import command_line, write_results, machine, model_path, read_metrics, start_server
 
     with tempfile.TemporaryDirectory(prefix="lckv-storm-") as d:
         tmp = Path(d)
@@ -215,12 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         if srv is not None:
             report["server_exit_code"] = report_exit
     report["setup"] = {**machine(), "server_args": None if args.url else SERVER_ARGS, "seed": args.seed,
-                       "command": "python loadtests/storm.py " + " ".join(command_args(argv))}
-    text = json.dumps(report, indent=2)
-    print(text)
+                       "command": command_line("loadtests.storm", argv)}
+    print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_results(args.out, report)
     a = report["after"]
     ok = (a["lckv_requests_running"] == 0 and a["lckv_requests_waiting"] == 0 and a["lckv_requests_unfinished"] == 0
           and a["lckv_sequences_admitted"] == 0 and a["lckv_kv_usage_ratio"] == 0

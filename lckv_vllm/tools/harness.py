@@ -228,7 +228,7 @@ def post_json(url: str, body: dict, api_key: str | None = None, timeout: float =
         return json.loads(r.read())
 
 
-# ---- an in-process engine ---------------------------------------------------------------------------------------------
+# ---- an in-process engine -------------------------------------------------------------------------------------------
 
 
 def in_process(force: bool = False) -> None:
