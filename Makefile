@@ -26,7 +26,7 @@ test: setup
 	$(PY) -m pytest -q tests kernels
 
 bench: setup
-	$(PY) benchmarks/throughput.py
+	$(PY) -m benchmarks.throughput
 
 clean:
 	rm -rf $(VENV) models demo-server.log

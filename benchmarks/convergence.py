@@ -16,7 +16,7 @@ reports.  The default tolerance (`settings.DEFAULT_PREFILL_TOL`) is chosen from 
 every trained model within 0.1 % of its m+b-pass perplexity under every split measured (the chunked encodings are
 also scored at the next looser tolerance, to show where that stops holding).
 
-    .venv/bin/python benchmarks/convergence.py [--windows 6]   -> benchmarks/results/convergence.{json,md,png}
+    .venv/bin/python -m benchmarks.convergence [--windows 6]   -> benchmarks/results/convergence.{json,md,png}
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+from lckv_vllm.tools.harness import write_results
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 MODELS = {  # name -> checkpoint directory (trained LCKV models)
@@ -138,11 +139,12 @@ import json, os, sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM
 from lckv_vllm.tools.deploy import prompt_nll
+from lckv_vllm.tools.harness import model_of
 model, windows, extra = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 llm = LLM(model, dtype="float32", max_model_len=2048, kv_cache_memory_bytes=256 << 20, seed=0, block_size=16,
           enforce_eager=True, **extra)
 nll, n = prompt_nll(llm, windows)
-m = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.model
+m = model_of(llm).model
 cfg = llm.llm_engine.vllm_config
 print("@@" + json.dumps({"nll": nll, "tokens": n, "stats": m.prefill.stats.snapshot(),
                          "chunked_prefill": cfg.scheduler_config.enable_chunked_prefill,
@@ -187,8 +189,8 @@ def main() -> int:
         return 0
     from lckv_vllm.tools.deploy import text_windows
     from lckv_vllm.settings import DEFAULT_PREFILL_TOL
-    from throughput import machine
-    from train_shakespeare import corpus
+    from lckv_vllm.tools.harness import machine
+    from benchmarks.train_shakespeare import corpus
 
     _, held_txt = corpus()
     held = held_txt.read_text(encoding="utf-8")
@@ -212,7 +214,7 @@ def main() -> int:
 
 def write_outputs(results: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "convergence.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(RESULTS / "convergence.json", results, indent=1)
     lines = []
     for name, r in results["models"].items():
         ref = r["reference"]

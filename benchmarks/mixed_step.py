@@ -11,14 +11,13 @@ Two measurements, all engines alive in one process, rounds alternating between e
    +-50 % around `--output-len`, at most 16 running: output tokens/s of w2 (economy on / off) against the identity
    plan and vLLM's own Llama on the identity weights (median of per-round ratios).
 
-    .venv/bin/python benchmarks/mixed_step.py [--rounds 3] [--out benchmarks/results]
+    .venv/bin/python -m benchmarks.mixed_step [--rounds 3] [--out benchmarks/results]
 Writes mixed_step.json and mixed_step.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -26,12 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+from lckv_vllm.tools.harness import command_line, machine, write_results
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from throughput import machine  # noqa: E402  (same machine description as the throughput benchmark)
 
 BLOCK_SIZE = 128
 KV_BUDGET = 512 << 20  # memory never limits these loads
@@ -149,7 +148,7 @@ def main() -> int:
                   for name, v in tps.items()}
     report = {
         "benchmark": "pass economy: mixed-step cost and continuous-batching throughput",
-        "command": "python benchmarks/mixed_step.py " + " ".join(sys.argv[1:]),
+        "command": command_line("benchmarks.mixed_step"),
         "machine": machine(),
         "settings": {"dtype": "float32", "block_size": BLOCK_SIZE, "kv_budget_bytes": KV_BUDGET, "rounds": args.rounds,
                      "model": "bench presets: 12 layers, hidden 256, 8 heads (8 KV), vocab 32000; w2 = 3 of 12 "
@@ -163,7 +162,7 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mixed_step.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_results(out / "mixed_step.json", report, indent=2)
     for name, per in mixed.items():
         print(name, {n: (round(v["decode_step_ms"], 1), round(v["mixed_step_ms"], 1)) for n, v in per.items()})
     for name, c in continuous.items():

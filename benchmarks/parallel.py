@@ -7,7 +7,7 @@ rank, TP=2 and PP=2, the same KV budget per worker (VLLM_CPU_KVCACHE_SPACE=1 GiB
 cannot speed anything up (the two workers share the two cores a single rank already uses, and add communication):
 the numbers show what runs and what the capacity becomes, not a GPU speed-up.
 
-    .venv/bin/python benchmarks/parallel.py     -> benchmarks/results/parallel.json
+    .venv/bin/python -m benchmarks.parallel     -> benchmarks/results/parallel.json
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from lckv_vllm.tools.harness import command_line, write_results
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = [("bench-w2", 1, 1), ("bench-w2", 2, 1), ("bench-w2", 1, 2), ("bench-cla", 1, 1), ("bench-cla", 2, 1),
@@ -54,8 +56,7 @@ def child(path: str, tp: int, pp: int) -> None:
 def main() -> int:
     import statistics
 
-    sys.path.insert(0, str(HERE))
-    from throughput import machine
+    from lckv_vllm.tools.harness import machine
 
     from lckv_vllm.tools.checkpoint import ModelSpec, make_model, make_preset
     from lckv_vllm.plan import pattern
@@ -90,12 +91,12 @@ def main() -> int:
             row["capacity_vs_one_rank"] = row["kv_capacity_tokens"] / base["kv_capacity_tokens"]
             row["same_first_tokens_as_one_rank"] = row["first_tokens"] == base["first_tokens"]
     report = {"benchmark": "TP=2 / PP=2 against one rank: KV capacity and offline throughput",
-              "command": "python benchmarks/parallel.py", "machine": machine(),
+              "command": command_line("benchmarks.parallel"), "machine": machine(),
               "settings": {"dtype": "float32", "kv_budget_per_worker": "VLLM_CPU_KVCACHE_SPACE=1 (GiB)",
                            "batch": 16, "prompt_len": 16, "output_len": 64, "block_size": 16, "eager": True,
                            "rounds": 3},
               "rows": rows}
-    (HERE / "results" / "parallel.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_results(HERE / "results" / "parallel.json", report, indent=2)
     return 0
 
 

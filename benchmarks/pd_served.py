@@ -9,7 +9,7 @@ converged checkpoint: the decode instance encodes the prompt's tail as a chunk o
 the files the prefill instance wrote (producer layers only), and whether the decode instance logged a local prefill
 for a prompt nobody prefilled.
 
-    .venv/bin/python benchmarks/pd_served.py [--model DIR] [--gen 32]   -> benchmarks/results/pd_served.json
+    .venv/bin/python -m benchmarks.pd_served [--model DIR] [--gen 32]   -> benchmarks/results/pd_served.json
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from lckv_vllm.tools.harness import command_line, write_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -36,7 +36,8 @@ PROMPTS = [
 
 
 def serve(model: Path, role: str | None, storage: Path, log: Path):
-    from lckv_vllm.tools.harness import free_port, wait_ready
+    """A started `vllm serve` (harness.Server) for `role` (None: no connector)."""
+    from lckv_vllm.tools.harness import free_port, start_server
 
     port = free_port()
     kv = {"kv_connector": "LCKVStorageConnector", "kv_connector_module_path": "lckv_vllm.engine.connector",
@@ -47,10 +48,7 @@ def serve(model: Path, role: str | None, storage: Path, log: Path):
         cmd += ["--kv-transfer-config", json.dumps(kv)]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     print("$", " ".join(cmd[1:]), flush=True)
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc)
-    return proc, url
+    return start_server(cmd, log, f"http://127.0.0.1:{port}", env)
 
 
 def complete(url: str, prompt: str, max_tokens: int) -> tuple[str, float, float]:
@@ -76,20 +74,17 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=ROOT / "examples" / "shakespeare-lckv-w2")
     ap.add_argument("--gen", type=int, default=32)
     args = ap.parse_args()
-    from lckv_vllm.tools.harness import machine, stop_process
+    from lckv_vllm.tools.harness import machine
 
     work = ROOT / "models" / "pd-served"
     storage = work / "kv"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    procs = []
+    servers = []
     try:
-        prefill, p_url = serve(args.model, "kv_producer", storage, work / "prefill.log")
-        procs.append(prefill)
-        decode, d_url = serve(args.model, "kv_consumer", storage, work / "decode.log")
-        procs.append(decode)
-        plain, s_url = serve(args.model, None, storage, work / "single.log")
-        procs.append(plain)
+        for role, log in (("kv_producer", "prefill.log"), ("kv_consumer", "decode.log"), (None, "single.log")):
+            servers.append(serve(args.model, role, storage, work / log))
+        p_url, d_url, s_url = (s.url for s in servers)
         for url in (p_url, d_url, s_url):
             complete(url, "warm up", 1)
         complete(d_url, "Nobody prefilled this prompt, so the decode instance encodes it itself.", 1)
@@ -103,16 +98,15 @@ def main() -> int:
                          "pd_ttft_s": round(p_all + d_first, 4), "single_ttft_s": round(s_first, 4)})
             print(json.dumps(rows[-1], indent=1), flush=True)
     finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)  # `vllm serve` runs its engine in a child process: stop the group
-            stop_process(p, 30)
+        for s in servers:
+            s.stop(30, group=True)  # `vllm serve` runs its engine in a child process: stop the group
     files = sorted({f.name for d in storage.iterdir() if d.is_dir() for f in d.iterdir()})
     decode_log = (work / "decode.log").read_text(errors="replace")
-    result = {"command": "python benchmarks/pd_served.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    result = {"command": command_line("benchmarks.pd_served"), "machine": machine(),
               "model": str(args.model.relative_to(ROOT)) if args.model.is_relative_to(ROOT) else str(args.model),
               "layer_files_saved": files, "manifest": json.loads((storage / "lckv_manifest.json").read_text()),
               "local_prefill_logged": "prefilling it locally" in decode_log, "requests": rows}
-    (HERE / "results" / "pd_served.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(HERE / "results" / "pd_served.json", result, indent=2)
     print("saved layer files:", files)
     return 0
 

@@ -13,7 +13,7 @@ Reported: bytes on disk per transferred token, the connector's save and load tim
 time, decode-side TTFT, P/D TTFT (prefill + decode side, what a client doing both in turn sees) vs single-instance
 TTFT, and whether the decode engine's greedy tokens equal the single instance's (acyclic plans: they must).
 
-    .venv/bin/python benchmarks/pd_transfer.py [--requests 6] [--prompt 500] [--gen 16]
+    .venv/bin/python -m benchmarks.pd_transfer [--requests 6] [--prompt 500] [--gen 16]
         -> benchmarks/results/pd_transfer.json
 """
 
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
+
+from lckv_vllm.tools.harness import command_line, write_results
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -144,7 +144,7 @@ def main() -> int:
         export_llama(paths["identity"], llama)
     rnd = random.Random(0)
     prompts = [[rnd.randrange(3, 32000) for _ in range(args.prompt)] for _ in range(args.requests)]
-    result = {"command": "python benchmarks/pd_transfer.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    result = {"command": command_line("benchmarks.pd_transfer"), "machine": machine(),
               "args": vars(args), "block_size": BLOCK, "models": {}}
     for name, path in [*paths.items(), ("llama", llama)]:
         result["models"][name] = measure(name, path, name != "llama", prompts, args)
@@ -152,7 +152,7 @@ def main() -> int:
     base = result["models"]["identity"]["bytes_per_token"]
     for r in result["models"].values():
         r["bytes_vs_identity"] = round(r["bytes_per_token"] / base, 4)
-    (HERE / "results" / "pd_transfer.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(HERE / "results" / "pd_transfer.json", result, indent=2)
     return 0
 
 

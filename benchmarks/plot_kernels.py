@@ -1,7 +1,7 @@
 """Plot a `kernels/bench.py` result (JSON) as a PNG: decode bandwidth and prefill throughput, ours against vLLM's
 own Triton attention, strict (LCKV consumers) and causal (producers) modes.
 
-    python benchmarks/plot_kernels.py benchmarks/results/kernels_bf16.json     # writes kernels_bf16.png beside it
+    python -m benchmarks.plot_kernels benchmarks/results/kernels_bf16.json     # writes kernels_bf16.png beside it
 """
 
 from __future__ import annotations

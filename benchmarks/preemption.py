@@ -7,17 +7,18 @@ approximation.  This script squeezes the KV budget until vLLM preempts, then com
 and logprobs with the reference (`ReferenceModel.generate`, no preemption), for: tiny-w2 exact, tiny-w2
 approximate, and an acyclic control (CLA, exact without help).  Engines use vLLM's default compiled mode.
 
-    .venv/bin/python benchmarks/preemption.py      -> benchmarks/results/preemption.json
+    .venv/bin/python -m benchmarks.preemption      -> benchmarks/results/preemption.json
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
 import time
 from pathlib import Path
+
+from lckv_vllm.tools.harness import command_line, write_results
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -84,10 +85,8 @@ def run(preset: str, work: Path, exact: bool = True) -> dict:
 def main() -> int:
     work = HERE.parent / "models" / "preemption"
     results = [run("tiny-w2", work), run("tiny-w2", work, exact=False), run("tiny-cla", work)]
-    out = HERE / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preemption.json").write_text(json.dumps({"command": "python benchmarks/preemption.py",
-                                                     "results": results}, indent=2) + "\n")
+    write_results(HERE / "results" / "preemption.json",
+                  {"command": command_line("benchmarks.preemption"), "results": results}, indent=2)
     for r in results:
         print(f"{r['preset']:10s} {r['recompute']:26s} preemptions={r['preemptions']:3d} "
               f"requests differing from reference: {r['requests_differing_from_reference']}/{r['requests']} "

@@ -23,7 +23,7 @@ prompt is held-out Shakespeare text (random token ids would say nothing about co
            sharing a ~1,200-character system prompt, 4 turns each, 4 at once; TTFT per turn, prefix-cache hit rate
            (usage.prompt_tokens_details.cached_tokens), TPOT.
 
-    .venv/bin/python benchmarks/prefill_tax.py [--quick]   -> benchmarks/results/prefill_tax.{json,md,png}
+    .venv/bin/python -m benchmarks.prefill_tax [--quick]   -> benchmarks/results/prefill_tax.{json,md,png}
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ import sys
 import time
 from pathlib import Path
 
+from lckv_vllm.tools.harness import command_line, model_of, write_results
+
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 DEEP = ROOT / "models" / "deep"
@@ -95,7 +96,7 @@ def _held_out_loss(model: Path) -> float | None:
 
 
 def _prefill_stats(e):
-    model = e.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    model = model_of(e.llm)
     prefill = getattr(getattr(model, "model", None), "prefill", None)
     return None if prefill is None else prefill.stats.snapshot()
 
@@ -109,7 +110,7 @@ def _passes_between(before, after) -> float | None:
 
 
 def prefill_part(engines: dict, text: Text, lens: list[int], reps: int) -> dict:
-    from bench.metrics import median, ratio
+    from benchmarks.bench.metrics import median, ratio
 
     ttft = {n: {L: [] for L in lens} for n in engines}
     passes = {n: {L: [] for L in lens} for n in engines}
@@ -143,8 +144,8 @@ BLOCK_SIZES = (0, 64, 128, 256, 512)
 
 
 def blocks_part(specs: dict, text: Text, lens: list[int], reps: int, kw: dict, alloc: int) -> dict:
-    from bench.metrics import median, ratio
-    from bench.offline import OfflineEngine
+    from benchmarks.bench.metrics import median, ratio
+    from benchmarks.bench.offline import OfflineEngine
 
     engines = {}
     try:
@@ -182,7 +183,7 @@ def blocks_part(specs: dict, text: Text, lens: list[int], reps: int, kw: dict, a
 
 
 def loads_part(engines: dict, text: Text, workloads: dict, budgets: list[dict], rounds: int, requests: int) -> dict:
-    from bench.metrics import median, ratio, summarize
+    from benchmarks.bench.metrics import median, ratio, summarize
 
     per: dict = {}
     for r in range(rounds):
@@ -222,9 +223,8 @@ def loads_part(engines: dict, text: Text, workloads: dict, budgets: list[dict], 
 
 
 def chat_part(specs: dict, text_path: Path, args) -> dict:
-    from lckv_vllm.tools.harness import free_port, read_metrics, stop_process, wait_ready
+    from lckv_vllm.tools.harness import BIN as bin_dir, free_port, lckv_serve_cmd, read_metrics, serve, server_env
 
-    bin_dir = Path(sys.executable).parent
     out, light = {}, {}
     work = ROOT / "models" / "prefill_tax"
     work.mkdir(parents=True, exist_ok=True)
@@ -233,16 +233,11 @@ def chat_part(specs: dict, text_path: Path, args) -> dict:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = work / f"chat-{name}.log"
-        cmd = [str(bin_dir / "lckv-serve"), str(path), "--host", "127.0.0.1", "--port", str(port),
-               "--served-model-name", name, "--dtype", "float32", "--block-size", str(BLOCK), "--enforce-eager",
-               "--kv-cache-memory-bytes", str(args.chat_kv_bytes), "--max-num-seqs", "16",
-               "--max-model-len", "2048", "--seed", "0"]
-        env = dict(os.environ, **env_extra)
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        try:
-            wait_ready(url, proc, timeout=300)
+        cmd = lckv_serve_cmd(path, port, "--served-model-name", name, "--dtype", "float32", "--block-size", str(BLOCK),
+                             "--enforce-eager", "--kv-cache-memory-bytes", str(args.chat_kv_bytes),
+                             "--max-num-seqs", "16", "--max-model-len", "2048", "--seed", "0")
+        env = server_env(**env_extra)
+        with serve(cmd, log, url, env, name=name, timeout=300, stop_timeout=60):
             result = work / f"chat-{name}.json"
             load_env = dict(env, LCKV_LOAD_MODEL=name, LCKV_LOAD_OUT=str(result), LCKV_CHAT_TEXT=str(text_path),
                             LCKV_CHAT_TURNS=str(args.turns), LCKV_CHAT_CONVERSATIONS=str(args.conversations),
@@ -274,8 +269,6 @@ def chat_part(specs: dict, text_path: Path, args) -> dict:
             print(f"    TTFT per turn " + ", ".join(f"{t}: {v['ttft']['mean_ms']:.0f} ms"
                                                     for t, v in out[name]["per_turn"].items())
                   + f"; hit rate {out[name]['prefix_cache_hit_rate']:.2f}", flush=True)
-        finally:
-            stop_process(proc, 60)
     for res in (out, light):
         for name, r in res.items():
             for t, v in r["per_turn"].items():
@@ -307,10 +300,10 @@ def main(argv=None) -> int:
     parts = set(args.parts.split(","))
     lens = [int(x) for x in args.prefill_lens.split(",")]
 
-    from bench.offline import OfflineEngine, kv_bytes_per_block
+    from benchmarks.bench.offline import OfflineEngine, kv_bytes_per_block
 
     from lckv_vllm.tools.harness import machine
-    from train_shakespeare import corpus
+    from benchmarks.train_shakespeare import corpus
 
     _, held = corpus()
     specs = engine_specs()
@@ -323,7 +316,7 @@ def main(argv=None) -> int:
     alloc = alloc_blocks * llama_bpb
     budgets = [{"label": f"{k} seq", "bytes": (k * paper_blocks + 1) * llama_bpb} for k in (2, 4, 10)]
     budgets.append({"label": "no limit", "bytes": None})
-    report = {"machine": machine(), "command": "python benchmarks/prefill_tax.py " + " ".join(argv or sys.argv[1:]),
+    report = {"machine": machine(), "command": command_line("benchmarks.prefill_tax", argv),
               "settings": {"dtype": "float32", "block_size": BLOCK, "eager": True, "max_model_len": max_len,
                            "max_num_batched_tokens": max_len, "kv_allocation_bytes": alloc,
                            "budgets": budgets, "engines": {n: {"checkpoint": str(p.relative_to(ROOT)), "env": e,
@@ -381,7 +374,7 @@ def main(argv=None) -> int:
 
 def write_outputs(report: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prefill_tax.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_results(RESULTS / "prefill_tax.json", report, indent=1)
     lines = []
     if "prefill" in report:
         p = report["prefill"]

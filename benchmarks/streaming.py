@@ -16,26 +16,25 @@ All through vLLM in this process (fp32, eager, CPU, the plugin's defaults otherw
    attention both on the torch path (the one streaming reads through: the like-for-like contrast) and on the default
    path (vLLM's C++ CPU kernels).
 
-    .venv/bin/python benchmarks/streaming.py [--stream 16384] [--gen 8192]  -> benchmarks/results/streaming.{json,png}
+    .venv/bin/python -m benchmarks.streaming [--stream 16384] [--gen 8192]  -> benchmarks/results/streaming.{json,png}
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
+
+from lckv_vllm.tools.harness import command_line, model_of, write_results
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 MODELS = {"identity": ROOT / "examples" / "shakespeare-identity", "lckv-w2": ROOT / "examples" / "shakespeare-lckv-w2"}
@@ -123,7 +122,7 @@ def generation(path: Path, streaming: bool, args, impl: str | None = None) -> di
 
     limit = args.gen + 65 if streaming else CONTEXT_LIMIT
     llm = make_engine(path, streaming, limit, impl)
-    path_name = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.model.path.name
+    path_name = model_of(llm).model.path.name
     eng = llm.llm_engine
     sched = eng.engine_core.engine_core.scheduler
     managers = sched.kv_cache_manager.coordinator.single_type_managers
@@ -192,11 +191,11 @@ def main() -> int:
 
     from lckv_vllm import register
     from lckv_vllm.tools.harness import machine
-    from train_shakespeare import corpus
+    from benchmarks.train_shakespeare import corpus
 
     register()
     _, held = corpus()
-    result = {"command": "python benchmarks/streaming.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    result = {"command": command_line("benchmarks.streaming"), "machine": machine(),
               "args": vars(args), "sink_tokens": SINKS, "window": WINDOW, "block_size": BLOCK,
               "bound_blocks_per_group": math.ceil(SINKS / BLOCK) + math.ceil(WINDOW / BLOCK) + 1, "models": {}}
     for name, path in MODELS.items():
@@ -207,7 +206,7 @@ def main() -> int:
         for g in result["models"][name]["generation"]:
             print(f"  {'streaming' if g['streaming'] else 'full'} ({g['attention_path']}): {g['generated']} tokens, max blocks "
                   f"{g['max_blocks_held']}, ms/token per 1k {[p['median_ms'] for p in g['per_1k']]}", flush=True)
-    (RESULTS / "streaming.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(RESULTS / "streaming.json", result, indent=2)
     plot(result, RESULTS / "streaming.png")
     return 0
 

@@ -8,18 +8,19 @@ request streaming past the window, and alternating rounds of decode steps with t
 forced off (old: the doubled head on every step, as before it existed), so both see the same machine and contexts.
 Reported: median step time per variant and the median (min, max) of per-round ratios old / new.
 
-    .venv/bin/python benchmarks/streaming_read.py   -> benchmarks/results/streaming_read.json
+    .venv/bin/python -m benchmarks.streaming_read   -> benchmarks/results/streaming_read.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from lckv_vllm.tools.harness import command_line, write_results
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -80,16 +81,15 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=120, help="decode steps per round and variant")
     ap.add_argument("--warm", type=int, default=300)
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     from lckv_vllm.tools.harness import machine
 
-    out = {"command": "python benchmarks/streaming_read.py " + " ".join(argv or sys.argv[1:]), "machine": machine(),
+    out = {"command": command_line("benchmarks.streaming_read", argv), "machine": machine(),
            "streaming": STREAMING, "args": vars(args), "models": {}}
     for name, path in MODELS.items():
         out["models"][name] = r = measure(path, args.rounds, args.steps, args.warm)
         print(f"{name}: {r['median_ms_per_step']} old/new {r['old_over_new']}", flush=True)
     res = ROOT / "benchmarks" / "results" / "streaming_read.json"
-    res.write_text(json.dumps(out, indent=1) + "\n")
+    write_results(res, out, indent=1)
     return 0
 
 

