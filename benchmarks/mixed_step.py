@@ -99,12 +99,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
 
-    from lckv_vllm.tools.checkpoint import export_llama, make_preset
+    from benchmarks.throughput import bench_models
 
-    work = Path(args.workdir)
-    ident = make_preset("bench-identity", work / "bench-identity")
-    llama = export_llama(ident, work / "bench-llama")
-    w2 = make_preset("bench-w2", work / "bench-w2")
+    ident, llama, w2 = bench_models(Path(args.workdir))
     on, off = {"LCKV_PASS_ECONOMY": "1"}, {"LCKV_PASS_ECONOMY": "0"}
 
     # 1. mixed step cost

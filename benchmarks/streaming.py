@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, model_of, write_results
+from lckv_vllm.tools.harness import command_line, model_of, script_env, write_results
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+script_env(force_in_process=True)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -49,6 +49,14 @@ def build_engine(path: str, args, env: dict | None = None):
         return llm, time.perf_counter() - t0
 
 
+def bench_models(work: Path) -> tuple[Path, Path, Path]:
+    """The bench-identity preset, its export as a plain Llama checkpoint and the bench-w2 preset, built in `work`."""
+    from lckv_vllm.tools.checkpoint import export_llama, make_preset
+
+    ident = make_preset("bench-identity", work / "bench-identity")
+    return ident, export_llama(ident, work / "bench-llama"), make_preset("bench-w2", work / "bench-w2")
+
+
 def attention_path(llm) -> str:
     model = model_of(llm)
     impls = {model.model.path.name} if hasattr(model.model, "path") else set()
@@ -107,12 +115,7 @@ def main() -> int:
 
     import random
 
-    from lckv_vllm.tools.checkpoint import export_llama, make_preset
-
-    work = Path(args.workdir)
-    ident = make_preset("bench-identity", work / "bench-identity")
-    llama = export_llama(ident, work / "bench-llama")
-    w2 = make_preset("bench-w2", work / "bench-w2")
+    ident, llama, w2 = bench_models(Path(args.workdir))
     rnd = random.Random(0)
     prompts = [[rnd.randrange(3, 32000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
 

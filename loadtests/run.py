@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "setup": {**machine(short=True), "torch": torch.__version__, "dtype": args.dtype,
-                  "block_size": args.block_size, "kv_cache_bytes": args.kv_bytes, "users": args.users, "requests": args.requests,
-                  "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "seed": args.seed},
+                  "block_size": args.block_size, "kv_cache_bytes": args.kv_bytes, "users": args.users,
+                  "requests": args.requests, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "seed": args.seed},
         "models": {},
     }
     with tempfile.TemporaryDirectory(prefix="lckv-load-") as d:

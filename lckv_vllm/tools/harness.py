@@ -240,6 +240,14 @@ def in_process(force: bool = False) -> None:
         os.environ.setdefault(IN_PROCESS, "0")
 
 
+def script_env(force_in_process: bool = False) -> None:
+    """What a benchmark script sets before vLLM loads: in-process engines (in_process()), vLLM logging at WARNING and
+    single-threaded tokenizers unless the environment says otherwise."""
+    in_process(force_in_process)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 def offline_engine(path: Path | str, env: dict | None = None, **kw):
     """`vllm.LLM(path, **kw)` with `env` set while it is built (the plugin reads its switches then)."""
     from vllm import LLM
