@@ -9,6 +9,8 @@
 #   VLLM_SRC=.vllm_src bash benchmarks/gpu_kernels.sh            # tests + full benchmark
 #   QUICK=1 bash benchmarks/gpu_kernels.sh                        # tests + a few benchmark cases
 #   DTYPES="bf16 fp16" SHAPES="gqa: mha:--num-kv-heads,32" ...    # more dtypes / shapes (commas = spaces)
+#   KV_FP8="fp8_e4m3 fp8_e5m2"                                    # fp8 pages too (default: fp8_e4m3), each run next
+#                                                                 # to the same shape with pages in the model dtype
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -32,6 +34,10 @@ for shape in ${SHAPES:-gqa:}; do
   for dt in ${DTYPES:-bf16}; do
     $PY kernels/bench.py ${QUICK:+--quick} --dtype "$dt" ${extra//,/ } --tag "$name" "${src_args[@]}" \
       --out "$OUT/kernels_${name}_${dt}.json" 2>&1 | tee -a "$OUT/gpu_kernel_bench.log"
+    for fp8 in ${KV_FP8-fp8_e4m3}; do  # decode and prefill over fp8 pages: compare with the json above
+      $PY kernels/bench.py ${QUICK:+--quick} --dtype "$dt" ${extra//,/ } --tag "$name" --kv-fp8 "$fp8" \
+        --out "$OUT/kernels_${name}_${dt}_${fp8}.json" 2>&1 | tee -a "$OUT/gpu_kernel_bench.log"
+    done
   done
 done
 exit "$tests_rc"

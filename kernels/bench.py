@@ -64,7 +64,7 @@ class Pages:
     """Paged K/V for a batch: every sequence gets its own, shuffled set of blocks."""
 
     def __init__(self, ctx_q: list[tuple[int, int]], num_kv_heads: int, head_size: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, seed: int = 0):
+                 dtype: torch.dtype, device: torch.device, seed: int = 0, kv_fp8: str | None = None):
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.ctx_q = ctx_q
         self.block_size = block_size
@@ -79,6 +79,10 @@ class Pages:
         self.block_table = table.to(device)
         # [num_blocks, block_size, num_kv_heads, 2 * head_size]: physical order of both backends' pages
         self.pages = torch.randn(num_blocks, block_size, num_kv_heads, 2 * head_size, device=device).to(dtype)
+        if kv_fp8:  # uint8 pages holding fp8 values (scale 1), as vLLM allocates them
+            from lckv_vllm.kernels.reference import fp8_bits_ref
+
+            self.pages = fp8_bits_ref(self.pages, kv_fp8, 1.0)
         self.slots = self.pages.view(num_blocks * block_size, num_kv_heads, 2 * head_size)
         q_lens = torch.tensor([q for _, q in ctx_q])
         qsl = torch.zeros(len(ctx_q) + 1, dtype=torch.int32)
@@ -99,12 +103,14 @@ def visible_pairs(ctx_q, strict: bool) -> int:
     return total
 
 
-def case_bytes(ctx_q, strict: bool, num_heads: int, num_kv_heads: int, head_size: int, elem: int) -> int:
-    """Bytes a kernel must move at least: each sequence's visible K/V once, q in, out back."""
+def case_bytes(ctx_q, strict: bool, num_heads: int, num_kv_heads: int, head_size: int, elem: int,
+               kv_elem: int | None = None) -> int:
+    """Bytes a kernel must move at least: each sequence's visible K/V once (`kv_elem` bytes per element: 1 for fp8
+    pages), q in, out back."""
     kv = 0
     for c, q in ctx_q:
         keys = c + q - (1 if strict else 0)  # keys visible to the sequence's last query
-        kv += keys * num_kv_heads * 2 * head_size * elem
+        kv += keys * num_kv_heads * 2 * head_size * (kv_elem or elem)
     tokens = sum(q for _, q in ctx_q)
     return kv + 2 * tokens * num_heads * head_size * elem
 
@@ -181,7 +187,7 @@ def run_case(kind, ctx_q, mode, args, device, copy_gbps, vllm_fn):
     dtype = DTYPES[args.dtype]
     hq, hk, d = args.num_heads, args.num_kv_heads, args.head_size
     strict = mode == "strict"
-    pg = Pages(ctx_q, hk, d, args.block_size, dtype, device)
+    pg = Pages(ctx_q, hk, d, args.block_size, dtype, device, kv_fp8=args.kv_fp8)
     q = torch.randn(pg.num_tokens, hq, d, device=device).to(dtype)
     out = torch.empty_like(q)
     scale = d ** -0.5
@@ -189,12 +195,13 @@ def run_case(kind, ctx_q, mode, args, device, copy_gbps, vllm_fn):
     def ours():
         paged_attention(q, pg.slots, query_start_loc=pg.query_start_loc, seq_lens=pg.seq_lens,
                         block_table=pg.block_table, block_size=pg.block_size, scale=scale, strict=strict,
-                        max_query_len=pg.max_query_len, max_seq_len=pg.max_seq_len, out=out)
+                        max_query_len=pg.max_query_len, max_seq_len=pg.max_seq_len, out=out, fp8=args.kv_fp8,
+                        scales=(1.0, 1.0))
 
     ours()
     torch.cuda.synchronize()
     t_ours = _bench(ours)
-    nbytes = case_bytes(ctx_q, strict, hq, hk, d, q.element_size())
+    nbytes = case_bytes(ctx_q, strict, hq, hk, d, q.element_size(), kv_elem=1 if args.kv_fp8 else None)
     flops = 4 * hq * d * visible_pairs(ctx_q, strict)
     row = dict(kind=kind, mode=mode, batch=len(ctx_q), context=max(c for c, _ in ctx_q),
                query_len=pg.max_query_len, num_tokens=pg.num_tokens, ours_ms=t_ours,
@@ -280,6 +287,8 @@ def main(argv=None) -> int:
                          "is not installed (see _vllm_attention)")
     ap.add_argument("--vllm-source-version", default="0.32.0", help="the vLLM version those files come from")
     ap.add_argument("--tag", default="", help="free text stored in the JSON (e.g. the shape's name)")
+    ap.add_argument("--kv-fp8", choices=["fp8_e4m3", "fp8_e5m2"], help="fp8 pages (uint8, scale 1); no vLLM baseline: "
+                    "compare with a run of the same dtype without this flag")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels/bench.py needs a CUDA GPU (the Triton interpreter is for correctness tests only)",
@@ -288,6 +297,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     import triton
 
+    if args.kv_fp8:
+        args.no_vllm = True  # fp8 pages are compared with our own pages of the model dtype (gpu_kernels.sh)
     vllm_fn, vllm_why = (None, "disabled (--no-vllm)") if args.no_vllm else _vllm_attention(args.vllm_source)
     _warm_up(device)
     copy_gbps = copy_bandwidth(device)
@@ -319,7 +330,7 @@ def main(argv=None) -> int:
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         device=torch.cuda.get_device_name(device),
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__, vllm=vllm_version,
-        tag=args.tag, dtype=args.dtype, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+        tag=args.tag, dtype=args.dtype, kv_fp8=args.kv_fp8, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
         head_size=args.head_size,
         block_size=args.block_size, copy_bandwidth_GBps=copy_gbps, vllm_baseline=vllm_fn is not None,
         vllm_baseline_note=None if vllm_fn else vllm_why,

@@ -46,6 +46,32 @@ _UPCAST_BF16_DOT = bool(triton.knobs.runtime.interpret)
 # hands to numpy.
 _MAX = tl.standard._elementwise_max
 _SUM = tl.standard._sum_combine
+FP8_FORMATS = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 2}  # as kernels/kv_cache.py writes them
+
+
+@triton.jit
+def _fp8_decode(raw, MAN: tl.constexpr, BIAS: tl.constexpr, SUB: tl.constexpr):
+    """An fp8 byte (MAN mantissa bits, exponent bias BIAS) -> its fp32 value, exactly, by building the float32 bits:
+    Triton has no e4m3 type before sm_89 (kernels/test_cuda_compile.py compiles for sm_80), so no cast is used.
+    Exponent 0 is the subnormal range, in units of the smallest subnormal 1 / SUB.  (NaN/inf codes are never
+    written: kv_cache.py saturates.)"""
+    b = raw.to(tl.int32)
+    e = (b >> MAN) & ((1 << (7 - MAN)) - 1)
+    m = b & ((1 << MAN) - 1)
+    normal = (((e - BIAS + 127) << 23) | (m << (23 - MAN))).to(tl.float32, bitcast=True)
+    val = tl.where(e == 0, m.to(tl.float32) / SUB, normal)
+    return tl.where((b & 0x80) != 0, -val, val)
+
+
+@triton.jit
+def _page_values(raw, scale, FP8: tl.constexpr):
+    """Page elements -> values: fp8 bytes decoded and scaled (fp32), or the stored floats as they are."""
+    if FP8 == 1:
+        return _fp8_decode(raw, 3, 7, 512.0) * scale
+    elif FP8 == 2:
+        return _fp8_decode(raw, 2, 15, 65536.0) * scale
+    else:
+        return raw
 
 
 @triton.jit
@@ -73,6 +99,8 @@ def _paged_attention_kernel(
     stride_bt,
     sinks,  # STREAMING: sink tokens S (positions < S stay visible)
     log2_theta,  # STREAMING: log2 of the RoPE base (keys and queries are rotated here, at their cache positions)
+    k_scale,  # FP8: the producer's scales; a page element reads as fp8 * scale
+    v_scale,
     NUM_Q_PER_KV: tl.constexpr,  # query heads per KV head (GQA group)
     HEAD_SIZE: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_SIZE; padded lanes are masked to 0
@@ -86,6 +114,7 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 operands (no TF32 rounding), "tf32" (= default) otherwise
     UPCAST_DOT: tl.constexpr,  # feed tl.dot fp32 copies of the (already rounded) operands; see _UPCAST_BF16_DOT
     STREAMING: tl.constexpr = False,  # StreamingLLM reads: sinks + `window`, unrotated pages rotated per tile
+    FP8: tl.constexpr = 0,  # 0: pages in q's dtype family; 1 / 2: uint8 pages of fp8 e4m3fn / e5m2 (kv_cache.py)
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * BLOCK_G
     q_block = tl.program_id(0)
@@ -135,7 +164,8 @@ def _paged_attention_kernel(
         _streaming_tile(q, q_ptr, kv_ptr, out_ptr, token, head, pos, row_valid, d, d_valid, tok0, q_len, context,
                         seq_len, seq, kv_head, hi, sinks, window, log2_theta, scale_log2, block_table_ptr,
                         stride_qt, stride_qh, stride_slot, stride_kvh, stride_ot, stride_oh, stride_bt,
-                        HEAD_SIZE, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_SIZE, STRICT, DOT_PRECISION)
+                        k_scale, v_scale, HEAD_SIZE, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_SIZE, STRICT, DOT_PRECISION,
+                        FP8)
         return
     lo = 0
     if USE_WINDOW:
@@ -163,6 +193,7 @@ def _paged_attention_kernel(
         # pages behind them may belong to other sequences or hold garbage, and 0 * NaN would poison the sums.
         k = tl.load(kv_base + slot[None, :] * stride_slot + d[:, None],
                     mask=k_valid[None, :] & d_valid[:, None], other=0.0)
+        k = _page_values(k, k_scale, FP8)
         s = tl.dot(q, k.to(q_ptr.dtype.element_ty).to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
         if STRICT:
             visible = kpos[None, :] < pos[:, None]
@@ -181,6 +212,7 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
         v = tl.load(kv_base + slot[:, None] * stride_slot + HEAD_SIZE + d[None, :],
                     mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+        v = _page_values(v, v_scale, FP8)
         acc = acc * alpha[:, None]
         # P is rounded to the input dtype for the second product, as flash-attention kernels do on tensor cores.
         acc = tl.dot(p.to(q_ptr.dtype.element_ty).to(q.dtype), v.to(q_ptr.dtype.element_ty).to(q.dtype), acc, input_precision=DOT_PRECISION)
@@ -207,9 +239,10 @@ def _rotate(x, x_swapped, sign, angle):
 @triton.jit
 def _streaming_tile(q, q_ptr, kv_ptr, out_ptr, token, head, pos, row_valid, d, d_valid, tok0, q_len, context,
                     seq_len, seq, kv_head, hi, sinks, window, log2_theta, scale_log2, block_table_ptr,
-                    stride_qt, stride_qh, stride_slot, stride_kvh, stride_ot, stride_oh, stride_bt,
+                    stride_qt, stride_qh, stride_slot, stride_kvh, stride_ot, stride_oh, stride_bt, k_scale, v_scale,
                     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, STRICT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_SIZE: tl.constexpr, STRICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    FP8: tl.constexpr):
     """StreamingLLM reads for one tile of queries (docs/semantics.md, section 5; torch twin:
     `lckv_vllm/engine/attention/streaming_read.py`).  The pages hold unrotated keys.  Two key ranges: the sinks
     [0, min(S, hi)) and the window [max(S, first query - W + 1), hi).  With span = S + W, a query at t is rotated at
@@ -252,8 +285,10 @@ def _streaming_tile(q, q_ptr, kv_ptr, out_ptr, token, head, pos, row_valid, d, d
         block = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_valid, other=0)
         slot = block.to(tl.int64) * BLOCK_SIZE + kpos % BLOCK_SIZE
         kmask = k_valid[None, :] & d_valid[:, None]
-        k = tl.load(kv_base + slot[None, :] * stride_slot + d[:, None], mask=kmask, other=0.0).to(tl.float32)
-        k_swap = tl.load(kv_base + slot[None, :] * stride_slot + d_swap[:, None], mask=kmask, other=0.0)
+        k = tl.load(kv_base + slot[None, :] * stride_slot + d[:, None], mask=kmask, other=0.0)
+        k = _page_values(k, k_scale, FP8).to(tl.float32)
+        k_swap = _page_values(tl.load(kv_base + slot[None, :] * stride_slot + d_swap[:, None], mask=kmask, other=0.0),
+                              k_scale, FP8)
         k = _rotate(k, k_swap.to(tl.float32), sign[:, None], (kpos - base).to(tl.float32)[None, :] * inv_freq[:, None])
         q_use = tl.where(in_sink, q_sink, q_win)
         s = tl.dot(q_use, k.to(q_use.dtype), input_precision=DOT_PRECISION) * scale_log2
@@ -271,6 +306,7 @@ def _streaming_tile(q, q_ptr, kv_ptr, out_ptr, token, head, pos, row_valid, d, d
         l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
         v = tl.load(kv_base + slot[:, None] * stride_slot + HEAD_SIZE + d[None, :],
                     mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+        v = _page_values(v, v_scale, FP8)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(q_use.dtype), v.to(q_use.dtype), acc, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -352,6 +388,8 @@ def paged_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     streaming: tuple[int, int, float] | None = None,
+    fp8: str | None = None,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Attention of packed queries `q` `[num_tokens, num_heads, head_size]` over the paged K/V in `kv_slots`
     `[num_slots, num_kv_heads, 2 * head_size]`.  Returns `out` `[num_tokens, num_heads, head_size]` (q's dtype).
@@ -361,12 +399,17 @@ def paged_attention(
     and the split count, so passing None costs a device sync to compute them.  `num_splits` (None = heuristic) and
     `block_n` override the launch configuration, for tests and benchmarks.  `streaming` = (sink tokens, window, RoPE
     base): StreamingLLM reads over pages of unrotated keys (docs/semantics.md, section 5; `window` must be None).
+    `fp8` ("fp8", "fp8_e4m3", "fp8_e5m2"): `kv_slots` is uint8 and holds fp8 values, read as fp8 * `scales` (k, v)
+    (docs/semantics.md, section 6).
     """
     num_tokens, num_heads, head_size = q.shape
     num_kv_heads = kv_slots.shape[1]
     if kv_slots.dim() != 3 or kv_slots.shape[2] != 2 * head_size or kv_slots.stride(-1) != 1:
         raise ValueError(f"kv_slots {tuple(kv_slots.shape)} (strides {kv_slots.stride()}) is not a slot view "
                          f"[num_slots, num_kv_heads, 2 * {head_size}] with a contiguous last axis")
+    fmt = FP8_FORMATS[fp8] if fp8 else 0
+    if fmt and kv_slots.dtype != torch.uint8:
+        raise ValueError(f"fp8 pages are uint8 tensors, got {kv_slots.dtype}")
     if head_size not in SUPPORTED_HEAD_SIZES:
         raise ValueError(f"head_size {head_size} not supported by the Triton path (supported: {SUPPORTED_HEAD_SIZES})")
     if num_heads % num_kv_heads:
@@ -431,6 +474,7 @@ def paged_attention(
         block_table.stride(0),
         sinks,
         math.log2(theta),
+        float(scales[0]), float(scales[1]),
         NUM_Q_PER_KV=group,
         HEAD_SIZE=head_size,
         BLOCK_D=block_d,
@@ -444,6 +488,7 @@ def paged_attention(
         DOT_PRECISION="ieee" if (q.dtype == torch.float32 or upcast) else "tf32",
         UPCAST_DOT=upcast,
         STREAMING=streaming is not None,
+        FP8=fmt,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](

@@ -10,15 +10,39 @@ from __future__ import annotations
 
 import torch
 
+# fp8 pages (docs/semantics.md, section 6): uint8 tensors holding these formats' bits
+FP8_TORCH = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
-def write_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_slots: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_slots[slot, :, :D] = key[t], kv_slots[slot, :, D:] = value[t] for every token t whose slot is not -1."""
+
+def fp8_bits_ref(x: torch.Tensor, fp8: str, scale: float) -> torch.Tensor:
+    """The page bytes of `x`: fp8(x / scale) with the division in float32 (as the kernel divides), saturated at
+    the format's largest finite value, rounded to nearest even (torch's cast)."""
+    dt = FP8_TORCH[fp8]
+    top = torch.finfo(dt).max
+    return (x.to(torch.float32) / scale).clamp(-top, top).to(dt).view(torch.uint8)
+
+
+def page_values_ref(raw: torch.Tensor, fp8: str | None, scale: float) -> torch.Tensor:
+    """Page elements as float64: fp8 * scale for fp8 pages, the stored floats otherwise."""
+    if fp8 is None:
+        return raw.to(torch.float64)
+    return raw.view(FP8_TORCH[fp8]).to(torch.float64) * scale
+
+
+def write_kv_ref(key: torch.Tensor, value: torch.Tensor, kv_slots: torch.Tensor, slot_mapping: torch.Tensor,
+                 fp8: str | None = None, scales: tuple[float, float] = (1.0, 1.0)) -> None:
+    """kv_slots[slot, :, :D] = key[t], kv_slots[slot, :, D:] = value[t] for every token t whose slot is not -1
+    (their fp8 bytes, `fp8_bits_ref`, for fp8 pages)."""
     d = key.shape[-1]
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot < 0:
             continue
-        kv_slots[slot, :, :d] = key[t].to(kv_slots.dtype)
-        kv_slots[slot, :, d:] = value[t].to(kv_slots.dtype)
+        if fp8 is None:
+            kv_slots[slot, :, :d] = key[t].to(kv_slots.dtype)
+            kv_slots[slot, :, d:] = value[t].to(kv_slots.dtype)
+        else:
+            kv_slots[slot, :, :d] = fp8_bits_ref(key[t], fp8, scales[0])
+            kv_slots[slot, :, d:] = fp8_bits_ref(value[t], fp8, scales[1])
 
 
 def zero_slots_ref(kv_slots: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -38,6 +62,8 @@ def paged_attention_ref(
     scale: float,
     strict: bool,
     window: int | None,
+    fp8: str | None = None,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Attention of packed varlen queries over paged K/V, in float64.  Returns `[num_tokens, num_heads, head_size]`.
 
@@ -45,6 +71,7 @@ def paged_attention_ref(
     [num_seqs + 1]; seq_lens: [num_seqs] (context + query tokens); block_table: [num_seqs, max_blocks].
     Query i of sequence s sits at position seq_len - query_len + i and sees key position p iff
     p <= t (p < t when strict) and, with a window w, p > t - w.  A query that sees no key outputs 0.
+    `fp8`: uint8 pages of that format, read as fp8 * `scales` (k, v).
     """
     num_tokens, num_heads, d = q.shape
     num_kv_heads = kv_slots.shape[1]
@@ -58,8 +85,8 @@ def paged_attention_ref(
             continue
         positions = list(range(seq_len))
         slots = [int(block_table[s, p // block_size]) * block_size + p % block_size for p in positions]
-        kv = kv_slots[torch.tensor(slots, dtype=torch.long)].to(torch.float64).cpu()  # [seq_len, Hk, 2D]
-        k, v = kv[..., :d], kv[..., d:]
+        kv = kv_slots[torch.tensor(slots, dtype=torch.long)].cpu()  # [seq_len, Hk, 2D]
+        k, v = page_values_ref(kv[..., :d], fp8, scales[0]), page_values_ref(kv[..., d:], fp8, scales[1])
         qs = q[q0:q1].to(torch.float64).cpu()  # [q_len, Hq, D]
         t = torch.arange(seq_len - q_len, seq_len)[:, None]  # query positions
         p = torch.arange(seq_len)[None, :]  # key positions
@@ -86,7 +113,8 @@ def rope_ref(x: torch.Tensor, position: float, theta: float) -> torch.Tensor:
 
 
 def streaming_attention_ref(q, kv_slots, query_start_loc, seq_lens, block_table, block_size: int, scale: float,
-                            strict: bool, sinks: int, window: int, theta: float) -> torch.Tensor:
+                            strict: bool, sinks: int, window: int, theta: float, fp8: str | None = None,
+                            scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """StreamingLLM reads (docs/semantics.md, section 5), query by query and key by key, in float64: the pages hold
     unrotated keys; query t sees key j iff j <= t (j < t when strict) and (j < sinks or j > t - window); with
     shift = max(0, t - (sinks + window - 1)), the query is rotated at t - shift, a sink key at j, a window key at
@@ -104,7 +132,9 @@ def streaming_attention_ref(q, kv_slots, query_start_loc, seq_lens, block_table,
             if not js:
                 continue
             slots = [int(block_table[s, j // block_size]) * block_size + j % block_size for j in js]
-            kv = kv_slots[torch.tensor(slots, dtype=torch.long)].to(torch.float64).cpu()
+            raw = kv_slots[torch.tensor(slots, dtype=torch.long)].cpu()
+            kv = torch.cat([page_values_ref(raw[..., :d], fp8, scales[0]), page_values_ref(raw[..., d:], fp8, scales[1])],
+                           -1)
             for h in range(num_heads):
                 qr = rope_ref(q[q0 + i, h].to(torch.float64).cpu(), t - shift, theta)
                 ks = torch.stack([rope_ref(kv[n, h // group, :d], j if j < sinks else j - shift, theta)

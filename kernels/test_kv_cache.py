@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lckv_vllm.kernels.kv_cache import write_kv, zero_slots
-from lckv_vllm.kernels.reference import write_kv_ref, zero_slots_ref
+from lckv_vllm.kernels.reference import fp8_bits_ref, write_kv_ref, zero_slots_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -50,3 +50,58 @@ def test_zero_slots_matches_reference(dtype, num_kv_heads, head_size):
     zero_slots(got, slots.to(DEVICE))
     assert torch.equal(got.cpu(), expect)
     assert (expect[slots[slots >= 0]] == 0).all() and (expect != 0).any()  # the case really zeroes some, not all
+
+
+@pytest.mark.parametrize("fp8", ["fp8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_write_kv_fp8_matches_reference(fp8, dtype):
+    """uint8 pages: fp8(x / scale), saturated, to nearest even; bit-identical to the reference."""
+    k, v, slots, _ = _case(2, 64, dtype, num_tokens=11, num_slots=40, seed=3)
+    k = k * 40  # some elements past the formats' range after the division: saturation
+    v = v.clone()
+    v[0, 0, :3] = torch.tensor([1e9, -1e9, 1e-9])
+    cache = torch.zeros(40, 2, 128, dtype=torch.uint8)
+    expect = cache.clone()
+    write_kv_ref(k, v, expect, slots, fp8=fp8, scales=(0.3, 1.7))
+    got = cache.to(DEVICE)
+    write_kv(k.to(DEVICE), v.to(DEVICE), got, slots.to(DEVICE), fp8=fp8, scales=(0.3, 1.7))
+    assert torch.equal(got.cpu(), expect)
+    written = expect[slots[slots >= 0]]
+    from lckv_vllm.kernels.reference import FP8_TORCH
+
+    assert (written != 0).any() and bool(written.view(FP8_TORCH[fp8]).float().isfinite().all())  # saturated, no NaN
+    # the scales matter: with others the bytes differ
+    assert not torch.equal(expect[slots[slots >= 0]][..., :64], fp8_bits_ref(k[slots >= 0], fp8, 1.0))
+
+
+def test_write_kv_fp8_needs_uint8_pages():
+    k, v, slots, cache = _case(1, 32, torch.float32, num_tokens=3, num_slots=8, seed=2)
+    with pytest.raises(ValueError, match="uint8"):
+        write_kv(k.to(DEVICE), v.to(DEVICE), cache.to(DEVICE), slots.to(DEVICE), fp8="fp8")
+
+
+@pytest.mark.parametrize("fp8", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_encoding_at_every_rounding_boundary(fp8):
+    """Every fp8 value, every midpoint between neighbours (ties to even), one float32 step either side of each
+    midpoint, both signs, beyond the largest value and in the subnormal range: the kernel's bytes equal torch's
+    cast after saturation.  (Triton's own fp8 cast, under its interpreter, got the carries at powers of two wrong.)"""
+    from lckv_vllm.kernels.reference import FP8_TORCH
+
+    dt = FP8_TORCH[fp8]
+    values = torch.arange(128, dtype=torch.uint8).view(dt).float()
+    values = values[values.isfinite()].sort().values
+    mids = (values[1:] + values[:-1]) / 2
+    x = torch.cat([values, mids, torch.nextafter(mids, torch.tensor(-1.0)), torch.nextafter(mids, torch.tensor(1e9)),
+                   values[-1:] * 1.5, torch.tensor([1e30, 0.0])])
+    x = torch.cat([x, -x])
+    d = 32
+    n = (x.numel() + d - 1) // d
+    k = torch.zeros(n * d)
+    k[:x.numel()] = x
+    k = k.view(n, 1, d)
+    slots = torch.arange(n)
+    got = torch.zeros(n, 1, 2 * d, dtype=torch.uint8, device=DEVICE)
+    write_kv(k.to(DEVICE), k.to(DEVICE), got, slots.to(DEVICE), fp8=fp8)
+    expect = torch.zeros_like(got.cpu())
+    write_kv_ref(k, k, expect, slots, fp8=fp8)
+    assert torch.equal(got.cpu(), expect)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lckv_vllm.kernels.paged_attention import paged_attention
-from lckv_vllm.kernels.reference import paged_attention_ref, streaming_attention_ref
+from lckv_vllm.kernels.reference import fp8_bits_ref, paged_attention_ref, streaming_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Max |kernel - float64 reference| on outputs of magnitude ~1.  fp32: exact-ish (fp32 accumulation, IEEE dots);
@@ -84,19 +84,28 @@ def no_key_rows(ctx_q, strict, window):
     return rows
 
 
+def to_fp8_pages(kv: torch.Tensor, fp8: str | None, scales) -> torch.Tensor:
+    """Float pages -> uint8 pages of `fp8` (K half with scales[0], V half with scales[1]); NaN poison stays NaN."""
+    if fp8 is None:
+        return kv
+    d = kv.shape[-1] // 2
+    return torch.cat([fp8_bits_ref(kv[..., :d], fp8, scales[0]), fp8_bits_ref(kv[..., d:], fp8, scales[1])], -1)
+
+
 def check(ctx_q, *, num_kv_heads=2, group=1, head_size=32, dtype=torch.float32, block_size=8, strict=False,
-          window=None, num_splits=1, block_n=16, seed=0):
+          window=None, num_splits=1, block_n=16, seed=0, fp8=None, scales=(1.0, 1.0)):
     q, kv, qsl, seq_lens, bt = make_batch(ctx_q, num_kv_heads, group, head_size, dtype, block_size, seed)
+    kv = to_fp8_pages(kv, fp8, scales)
     scale = head_size ** -0.5
     out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)  # poisoned: every row must be written
     on = lambda x: x.to(DEVICE)  # noqa: E731
     got = paged_attention(
         on(q), on(kv), query_start_loc=on(qsl), seq_lens=on(seq_lens), block_table=on(bt), block_size=block_size,
         scale=scale, strict=strict, window=window, max_query_len=max(n for _, n in ctx_q),
-        max_seq_len=int(seq_lens.max()), out=out, num_splits=num_splits, block_n=block_n,
+        max_seq_len=int(seq_lens.max()), out=out, num_splits=num_splits, block_n=block_n, fp8=fp8, scales=scales,
     )
     assert got is out
-    ref = paged_attention_ref(q, kv, qsl, seq_lens, bt, block_size, scale, strict, window)
+    ref = paged_attention_ref(q, kv, qsl, seq_lens, bt, block_size, scale, strict, window, fp8=fp8, scales=scales)
     got = got.cpu().to(torch.float64)
     assert not got.isnan().any(), "NaN in the output: a row was not written or a poisoned slot was read"
     err = (got - ref).abs().max().item()
@@ -159,20 +168,22 @@ STREAM_MIXED = [(0, 1), (0, 7), (13, 5), (30, 1), (16, 16), (0, 19), (41, 3), (7
 
 
 def check_streaming(ctx_q, *, sinks, window, num_kv_heads=2, group=2, head_size=32, dtype=torch.float32, block_size=8,
-                    strict=False, block_n=16, theta=10000.0, seed=0):
+                    strict=False, block_n=16, theta=10000.0, seed=0, fp8=None, scales=(1.0, 1.0)):
     q, kv, qsl, seq_lens, bt = make_batch(ctx_q, num_kv_heads, group, head_size, dtype, block_size, seed)
     # the pages between the sinks and the first query's window were freed: poison them
     for s, (c, _) in enumerate(ctx_q):
         for p in range(sinks, max(sinks, c - window + 1)):
             kv[int(bt[s, p // block_size]) * block_size + p % block_size] = float("nan")
+    kv = to_fp8_pages(kv, fp8, scales)
     scale = head_size ** -0.5
     out = torch.full(q.shape, float("nan"), dtype=dtype, device=DEVICE)
     on = lambda x: x.to(DEVICE)  # noqa: E731
     got = paged_attention(
         on(q), on(kv), query_start_loc=on(qsl), seq_lens=on(seq_lens), block_table=on(bt), block_size=block_size,
         scale=scale, strict=strict, max_query_len=max(n for _, n in ctx_q), max_seq_len=int(seq_lens.max()),
-        out=out, block_n=block_n, streaming=(sinks, window, theta))
-    ref = streaming_attention_ref(q, kv, qsl, seq_lens, bt, block_size, scale, strict, sinks, window, theta)
+        out=out, block_n=block_n, streaming=(sinks, window, theta), fp8=fp8, scales=scales)
+    ref = streaming_attention_ref(q, kv, qsl, seq_lens, bt, block_size, scale, strict, sinks, window, theta, fp8=fp8,
+                                  scales=scales)
     got = got.cpu().to(torch.float64)
     assert not got.isnan().any(), "NaN in the output: a row was not written or a freed slot was read"
     err = (got - ref).abs().max().item()
@@ -190,3 +201,35 @@ def test_streaming_reads(strict, sinks, window):
 def test_streaming_reads_half_precision_gqa_head_64(dtype):
     check_streaming(STREAM_MIXED, sinks=4, window=12, num_kv_heads=1, group=4, head_size=64, dtype=dtype,
                     strict=True, block_size=16, theta=500000.0, seed=7)
+
+
+# ---- fp8 pages: uint8 pages of e4m3fn / e5m2 values, read as fp8 * scale (docs/semantics.md, section 6) ----------
+@pytest.mark.parametrize("fp8", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("strict,window", [(False, None), (True, None), (True, 5)], ids=["causal", "strict", "w5"])
+def test_fp8_pages_mixed_batch(fp8, dtype, strict, window):
+    # scales that are not powers of two, and different for K and V: a kernel that ignores or swaps them fails
+    check(MIXED, num_kv_heads=2, group=3, head_size=64, dtype=dtype, strict=strict, window=window, fp8=fp8,
+          scales=(0.37, 1.9), seed=21 + strict)
+
+
+@pytest.mark.parametrize("fp8", ["fp8", "fp8_e5m2"])
+def test_fp8_pages_split_kv_decode(fp8):
+    check(DECODE, num_kv_heads=2, group=3, head_size=80, dtype=torch.float16, strict=True, num_splits=3, fp8=fp8,
+          scales=(0.6, 0.3), seed=22)
+
+
+def test_fp8_pages_streaming_reads():
+    check_streaming(STREAM_MIXED, sinks=3, window=10, strict=True, fp8="fp8_e4m3", scales=(0.45, 2.2), seed=23)
+
+
+def test_fp8_reads_depend_on_the_scales():
+    """The same bytes read with other scales give other outputs (the check above is not blind to them)."""
+    q, kv, qsl, seq_lens, bt = make_batch(MIXED, 2, 2, 32, torch.float32, 8, 24)
+    pages = to_fp8_pages(kv, "fp8", (0.5, 0.5))
+    kw = dict(query_start_loc=qsl.to(DEVICE), seq_lens=seq_lens.to(DEVICE), block_table=bt.to(DEVICE), block_size=8,
+              scale=32 ** -0.5, strict=True, fp8="fp8")
+    a = paged_attention(q.to(DEVICE), pages.to(DEVICE), scales=(0.5, 0.5), **kw).cpu()
+    b = paged_attention(q.to(DEVICE), pages.to(DEVICE), scales=(0.5, 1.0), **kw).cpu()
+    live = [i for i in range(q.shape[0]) if i not in no_key_rows(MIXED, True, None)]
+    assert torch.allclose(2 * a[live], b[live], rtol=1e-5, atol=1e-6)  # V scale doubles the output

@@ -49,7 +49,9 @@ def _cmd_plan(args) -> int:
         return 2
     print(plan.describe())
     if kv_heads and head_dim:
-        b = args.dtype_bytes
+        from .tools.deploy import dtype_bytes
+
+        b = dtype_bytes({}, args.dtype) if args.dtype else args.dtype_bytes  # --dtype fp8: 1 byte per element
         per = plan.kv_bytes_per_token(kv_heads, head_dim, b)
         full = plan.full_kv_bytes_per_token(kv_heads, head_dim, b)
         print(f"KV bytes per token ({kv_heads} KV heads x {head_dim} x {b} B): {per} vs {full} for all layers")
@@ -120,7 +122,8 @@ def _cmd_quality(args) -> int:
         return 2
     patterns = args.layer_types or [None]
     rows = deploy.perplexities(args.model, patterns, text, max_tokens=args.max_tokens, window=args.window,
-                               dtype=args.dtype, progress=lambda m: print(m, file=sys.stderr))
+                               dtype=args.dtype, progress=lambda m: print(m, file=sys.stderr),
+                               kv_cache_dtype=args.kv_cache_dtype)
     print(f"{'layer_types':40s} {'producers':>9s} {'KV B/token':>11s} {'perplexity':>11s} {'tokens':>7s}")
     for r in rows:
         print(f"{r['layer_types']:40s} {r['producers']:>9d} {r['kv_bytes_per_token']:>11d} {r['perplexity']:>11.4f} "
@@ -295,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--context", type=int, help="tokens per sequence (with --budget-gib)")
     sp.add_argument("--concurrency", type=int, default=1, help="sequences that must fit at once (default 1)")
     sp.add_argument("--block-size", type=int, default=16, help="KV block size of the server (default 16)")
-    sp.add_argument("--dtype", help="KV dtype (default: the checkpoint's torch_dtype)")
+    sp.add_argument("--dtype", help="KV dtype: float32, bfloat16, float16, fp8, fp8_e4m3, fp8_e5m2 (default: the "
+                                    "checkpoint's torch_dtype)")
     sp.add_argument("--calibrate", metavar="TEXTFILE", help="measure each pattern's perplexity on this text")
     sp.add_argument("--max-tokens", type=int, default=2048, help="tokens of the calibration text to score")
     sp.set_defaults(fn=_cmd_plan)
@@ -338,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--max-tokens", type=int, default=2048, help="tokens of the text to score (default 2048)")
     sp.add_argument("--window", type=int, default=512, help="tokens per scored prompt (default 512)")
     sp.add_argument("--dtype", default="float32")
+    sp.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                    help="what the KV pages store (default auto: the model's dtype)")
     sp.add_argument("--json", help="also write the rows as JSON here")
     sp.set_defaults(fn=_cmd_quality)
 

@@ -15,12 +15,19 @@ paging, no batching and no vLLM import, in float64 by default:
 
 With `lckv_streaming` in the config (StreamingLLM mode, `lckv_vllm/streaming.py`) the cache keeps keys without
 rotary embedding and every read applies the sink + window visibility and the pos-shift rotation per query.
+
+`kv_cache_dtype="fp8"` / `"fp8_e4m3"` / `"fp8_e5m2"` (docs/semantics.md, "fp8 pages"): the cache holds what an fp8
+page holds, fp8(x / scale) * scale with the producer's scales (from the checkpoint, else 1.0), saturated, rounded
+to nearest (`kv_rounding="nearest"`, the torch and Triton paths) or toward zero (`"toward_zero"`, vLLM's CPU kernels
+on the `cpu` path); every read, in every pass, sees those values.  Written from the format tables, not with the
+engine's code.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,9 +67,36 @@ class _Cache:
         self.k[p], self.v[p] = old_k, old_v
 
 
+_FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# checkpoint names of a layer's K/V scales (vLLM's spellings); "kv_scale" is one scale for both
+_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(?:attn\.|k_proj\.|v_proj\.)?(k_scale|v_scale|kv_scale)$")
+
+
+def _fp8_values(fmt: str) -> torch.Tensor:
+    """Every finite non-negative value of the 8-bit format, ascending (float64)."""
+    codes = torch.arange(128, dtype=torch.uint8).view(_FP8[fmt]).to(torch.float64)
+    return codes[torch.isfinite(codes)].sort().values
+
+
+def fp8_round_trip(x: torch.Tensor, fmt: str, rounding: str, scale: float) -> torch.Tensor:
+    """fp8(x / scale) * scale in float64, saturated at the format's largest value: to nearest (ties to even, IEEE)
+    or toward zero (the largest representable magnitude not above |x / scale|, looked up in the format's table)."""
+    table = _fp8_values(fmt)
+    y = (x.to(torch.float64) / scale).clamp(-float(table[-1]), float(table[-1]))
+    if rounding == "toward_zero":
+        q = table[torch.searchsorted(table, y.abs().contiguous(), right=True) - 1]
+    elif rounding == "nearest":
+        q = y.to(_FP8[fmt]).to(torch.float64).abs()
+    else:
+        raise ValueError(f"rounding {rounding!r}")
+    return (torch.sign(y) * q * scale).to(x.dtype)
+
+
 class ReferenceModel:
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float64, overrides: dict | None = None):
-        """`overrides`: config fields replaced as a deploy-time override does (e.g. another `layer_types`)."""
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float64, overrides: dict | None = None,
+                 kv_cache_dtype: str = "auto", kv_rounding: str = "nearest"):
+        """`overrides`: config fields replaced as a deploy-time override does (e.g. another `layer_types`).
+        `kv_cache_dtype` / `kv_rounding`: what the cache stores (module docstring)."""
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir)
@@ -74,7 +108,17 @@ class ReferenceModel:
         sd = {}
         for f in sorted(model_dir.glob("*.safetensors")):
             sd.update(load_file(str(f)))
+        self.kv_scales = {}  # layer -> [k_scale, v_scale]
+        for name in [n for n in sd if _SCALE.match(n)]:
+            layer, which = _SCALE.match(name).groups()
+            pair = self.kv_scales.setdefault(int(layer), [1.0, 1.0])
+            value = float(sd.pop(name).reshape(-1)[0])
+            for j in {"k_scale": (0,), "v_scale": (1,), "kv_scale": (0, 1)}[which]:
+                pair[j] = value
         self.w = {k: v.to(dtype) for k, v in sd.items()}
+        if kv_cache_dtype not in ("auto", *_FP8):
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}")
+        self.kv_cache_dtype, self.kv_rounding = kv_cache_dtype, kv_rounding
         c = self.cfg
         self.H = c.hidden_size
         self.nh = c.num_attention_heads
@@ -102,6 +146,13 @@ class ReferenceModel:
 
     def _lin(self, x, name):
         return x @ self.w[name].T
+
+    def _page(self, x, layer: int, which: int):
+        """What layer `layer`'s page keeps of `x` (K: which=0, V: 1): x, or its fp8 round trip."""
+        if self.kv_cache_dtype == "auto":
+            return x
+        scale = self.kv_scales.get(layer, (1.0, 1.0))[which]
+        return fp8_round_trip(x, self.kv_cache_dtype, self.kv_rounding, scale)
 
     def _mlp(self, x, i):
         p = f"model.layers.{i}.mlp."
@@ -154,7 +205,7 @@ class ReferenceModel:
         if role.computes_kv:
             k = rope(self._lin(x, p + "self_attn.k_proj.weight").view(n, self.nkv, self.hd), pos)
             v = self._lin(x, p + "self_attn.v_proj.weight").view(n, self.nkv, self.hd)
-            cache.put(i, start, k, v)
+            cache.put(i, start, self._page(k, i, 0), self._page(v, i, 1))
         j = role.attends_to
         K, V = cache.k[j], cache.v[j]
         if K is None:  # the read layer has produced nothing yet (first token, top layer): nothing visible

@@ -4,7 +4,7 @@
 
 vLLM keeps one KV connector per process and tears the distributed state down when an engine is deleted, so engines
 with connectors cannot share the test session's process with its cached engines.  Each job: {"path", "role",
-"storage", "prompts", "max_tokens", "hf_overrides"?}; its result: the outputs (tokens, logprobs), the connector
+"storage", "prompts", "max_tokens", "hf_overrides"?, "kv_cache_dtype"?, "block_size"?}; its result: the outputs (tokens, logprobs), the connector
 statistics of the worker side and of the scheduler side, or the error the engine refused with.
 """
 
@@ -32,8 +32,9 @@ def run_job(job: dict) -> dict:
     llm = None
     try:
         llm = LLM(job["path"], dtype="float32", kv_cache_memory_bytes=32 << 20, max_model_len=256, seed=0,
-                  block_size=16, max_num_seqs=8, enforce_eager=True, enable_prefix_caching=False,
-                  kv_transfer_config=cfg, hf_overrides=job.get("hf_overrides") or {})
+                  block_size=job.get("block_size", 16), max_num_seqs=8, enforce_eager=True,
+                  enable_prefix_caching=False, kv_transfer_config=cfg, hf_overrides=job.get("hf_overrides") or {},
+                  kv_cache_dtype=job.get("kv_cache_dtype", "auto"))
     except Exception as e:  # a refused set-up: the message is the result
         gc.collect()
         ensure_kv_transfer_shutdown()

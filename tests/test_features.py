@@ -51,10 +51,9 @@ def _eagle_head(tmp_path, model_dir, arch: str):
 
 STREAMING = {"lckv_streaming": {"sink_tokens": 4, "window": 60}}
 REFUSED = [  # (preset, engine arguments, words the message must contain)
-    ("tiny-w2", dict(kv_cache_dtype="fp8"), ["kv_cache_dtype='fp8'", "--kv-cache-dtype auto"]),
-    ("tiny-identity", dict(kv_cache_dtype="fp8_e5m2"), ["kv_cache_dtype='fp8_e5m2'", "identity"]),
-    ("tiny-cla", dict(kv_cache_dtype="bfloat16"), ["kv_cache_dtype='bfloat16'", "acyclic"]),
-    ("tiny-yoco", dict(kv_cache_dtype="fp8_e4m3"), ["kv_cache_dtype='fp8_e4m3'", "windowed"]),
+    ("tiny-cla", dict(kv_cache_dtype="bfloat16"), ["kv_cache_dtype='bfloat16'", "acyclic", "fp8"]),
+    ("tiny-w2", dict(kv_cache_dtype="fp8", kv_cache_dtype_skip_layers=["0"]),
+     ["kv_cache_dtype_skip_layers=['0']", "one dtype"]),
     ("tiny-w2", dict(enable_lora=True), ["enable_lora", "merge the adapter"]),
     ("tiny-w2", dict(quantization="fp8"), ["quantization='fp8'", "unquantized"]),
     ("tiny-w2", dict(convert="embed"), ["convert='embed'", "for generation"]),
@@ -111,8 +110,8 @@ def test_refusal_comes_before_any_weight_is_read(model_dir, tmp_path):
     args = dict(dtype="float32", max_model_len=128, block_size=BLOCK_SIZE, enforce_eager=True,
                 kv_cache_memory_bytes=16 << 20)
     with pytest.raises(Exception) as e:
-        LLM(str(bare), kv_cache_dtype="fp8", **args)
-    assert "kv_cache_dtype='fp8'" in str(e.value)
+        LLM(str(bare), kv_cache_dtype="bfloat16", **args)
+    assert "kv_cache_dtype='bfloat16'" in str(e.value)
     with pytest.raises(Exception) as e:
         LLM(str(bare), **args)
     assert "model weights" in str(e.value) and "does not support" not in str(e.value), str(e.value)
@@ -124,8 +123,8 @@ def test_allow_untested_lets_a_named_feature_through(model_dir, monkeypatch, cap
     assert cfg.parallel_config.data_parallel_size == 2
     # a refused (not untested) feature stays refused whatever the variable says
     monkeypatch.setenv("LCKV_ALLOW_UNTESTED", "data-parallel,kv-cache-dtype")
-    with pytest.raises(Exception, match="kv_cache_dtype='fp8'"):
-        _config(model_dir("tiny-w2"), kv_cache_dtype="fp8")
+    with pytest.raises(Exception, match="kv_cache_dtype='bfloat16'"):
+        _config(model_dir("tiny-w2"), kv_cache_dtype="bfloat16")
 
 
 def test_allow_untested_rejects_unknown_keys(model_dir, monkeypatch):

@@ -117,6 +117,34 @@ def test_mismatched_model_refused_and_missing_transfer_prefilled_locally(runs, m
     assert local["outputs"][0][0] == ReferenceModel(model_dir("tiny-w2")).generate(local["prompt"], GEN)[0]
 
 
+def test_fp8_pages_transfer_a_quarter_of_the_bytes(tmp_path):
+    """fp8 pages move as they are: a quarter of the float32 bytes per transferred token, and the decode instance
+    equals the fp8 reference split at the transfer point (trained w2: converged, so the comparison is tight).  A
+    decode instance with float32 pages refuses fp8 KV (the manifest names the page dtype)."""
+    from conftest import TRAINED_W2, text_prompts
+
+    prompts = [p[:n] for p, n in zip(text_prompts(TRAINED_W2, 2, 70), (40, 70))]
+    job = lambda storage, role, dtype: dict(path=str(TRAINED_W2), role=role, storage=str(tmp_path / storage),  # noqa
+                                            prompts=prompts, max_tokens=GEN if role == "kv_consumer" else 1,
+                                            kv_cache_dtype=dtype, block_size=32)
+    produced = run_jobs([job("fp8", "kv_producer", "fp8"), job("f32", "kv_producer", "auto")])
+    fp8, f32, wrong = run_jobs([job("fp8", "kv_consumer", "fp8"), job("f32", "kv_consumer", "auto"),
+                                job("fp8", "kv_consumer", "auto")])
+    assert produced[0]["worker"]["saved_bytes"] * 4 == produced[1]["worker"]["saved_bytes"] > 0
+    assert fp8["worker"]["loaded_bytes"] * 4 == f32["worker"]["loaded_bytes"] > 0
+    assert "kv_cache_dtype is 'fp8' there, 'auto' here" in wrong["error"], wrong
+    from lckv_vllm.engine.attention.cpu_path import unsupported_reason
+    from lckv_vllm.engine.attention.page_dtype import PageDtype
+
+    # the default path: vLLM's CPU kernels (round toward zero) where the CPU has their fp8 variant, else torch
+    cpu = unsupported_reason(32, None, 32, PageDtype("fp8")) is None
+    ref = ReferenceModel(TRAINED_W2, kv_cache_dtype="fp8", kv_rounding="toward_zero" if cpu else "nearest")
+    for p, (toks, lps) in zip(prompts, fp8["outputs"]):
+        hit = (len(p) - 2) // 32 * 32
+        rtoks, rlps = ref.generate(p, GEN, chunk_sizes=[hit, len(p) - hit])
+        assert toks == rtoks and max(abs(a - b) for a, b in zip(lps, rlps)) < 1e-4
+
+
 def test_setups_the_connector_cannot_serve_are_refused():
     from types import SimpleNamespace
 

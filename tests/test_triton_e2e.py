@@ -7,16 +7,20 @@ process (which is also the check that each engine keeps the implementation it wa
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import generate, model_of, random_prompt
 from lckv_vllm.engine.attention.chooser import make_path
+from lckv_vllm.engine.attention.page_dtype import PageDtype
 from lckv_vllm.engine.attention.step import make_step
 from lckv_vllm.settings import ATTENTION_IMPL_ENV
 
 
-def test_triton_path_matches_torch_path():
-    """write_kv / zero_slots / attend of the Triton path on vLLM's 4-D page tensor equal the torch path's."""
+@pytest.mark.parametrize("page_dtype", ["auto", "fp8_e4m3", "fp8_e5m2"])
+def test_triton_path_matches_torch_path(page_dtype):
+    """write_kv / zero_slots / attend of the Triton path on vLLM's 4-D page tensor equal the torch path's (fp8
+    pages: the same bytes, both round to nearest even; read with the same scales)."""
     g = torch.Generator().manual_seed(0)
     num_blocks, block_size, hk, hq, d = 6, 4, 2, 4, 32
     ctx_q = [(0, 3), (5, 1), (2, 6)]
@@ -35,15 +39,20 @@ def test_triton_path_matches_torch_path():
                    slot_mapping=slot_mapping, query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
     # vLLM's logical [num_blocks, num_kv_heads, block_size, 2d] view of token-major (LBNHC) pages
     phys = torch.randn(num_blocks, block_size, hk, 2 * d, generator=g)
+    pd = PageDtype(page_dtype)
+    scales = (0.37, 1.9) if pd.quantized else (1.0, 1.0)
+    if pd.quantized:  # vLLM allocates fp8 pages as uint8
+        phys = torch.cat([pd.store(phys[..., :d], scales[0]), pd.store(phys[..., d:], scales[1])], -1)
     caches = {name: phys.clone().transpose(1, 2) for name in ("torch", "triton")}
     k, v = torch.randn(2, 10, hk, d, generator=g)
     q = torch.randn(10, hq, d, generator=g)
     out = {}
     for name, cache in caches.items():
-        path = make_path(name)
+        path = make_path(name, pd)
         path.zero_slots(cache, first4)
-        path.write_kv(k[4:], v[4:], cache, slot_mapping[4:], md)
-        out[name] = path.attend(q, cache, md, scale=d**-0.5, strict=True, window=5, out=torch.empty_like(q))
+        path.write_kv(k[4:], v[4:], cache, slot_mapping[4:], md, scales=scales)
+        out[name] = path.attend(q, cache, md, scale=d**-0.5, strict=True, window=5, out=torch.empty_like(q),
+                                scales=scales)
     assert torch.equal(caches["torch"], caches["triton"])
     torch.testing.assert_close(out["triton"], out["torch"], atol=1e-5, rtol=0)
 

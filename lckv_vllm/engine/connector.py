@@ -51,7 +51,9 @@ def _manifest_of(vllm_config, kv_cache_config) -> dict:
          "block_size": vllm_config.cache_config.block_size,
          "num_key_value_heads": hf.num_key_value_heads,
          "head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-         "dtype": str(vllm_config.model_config.dtype).replace("torch.", "")}
+         "dtype": str(vllm_config.model_config.dtype).replace("torch.", ""),
+         # fp8 pages are bytes another page dtype would misread (and their values depend on the producers' scales)
+         "kv_cache_dtype": vllm_config.cache_config.cache_dtype}
     return m
 
 

@@ -71,15 +71,29 @@ def _all(status: str, note: str = "", **overrides: Cell) -> dict[str, Cell]:
 
 
 # ---- detectors: what the user switched on, read from vLLM's config (None: off) ------------------------------------
+_FP8_PAGES = ("fp8", "fp8_e4m3", "fp8_e5m2")
+
+
 def _kv_cache_dtype(cfg) -> str | None:
+    """A page dtype other than the model's that is not one of the fp8 formats (`_kv_cache_fp8`)."""
     import torch
 
     dtype = cfg.cache_config.cache_dtype
     model = str(cfg.model_config.dtype).replace("torch.", "")
     # naming the model's own dtype is the same as "auto"
-    if dtype == "auto" or dtype == model or (dtype == "float" and cfg.model_config.dtype == torch.float32):
+    if dtype in ("auto", model, *_FP8_PAGES) or (dtype == "float" and cfg.model_config.dtype == torch.float32):
         return None
     return f"kv_cache_dtype={dtype!r}"
+
+
+def _kv_cache_fp8(cfg) -> str | None:
+    dtype = cfg.cache_config.cache_dtype
+    return f"kv_cache_dtype={dtype!r}" if dtype in _FP8_PAGES else None
+
+
+def _kv_skip_layers(cfg) -> str | None:
+    skip = cfg.cache_config.kv_cache_dtype_skip_layers
+    return f"kv_cache_dtype_skip_layers={list(skip)!r}" if skip else None
 
 
 def _spec_method(cfg) -> str | None:
@@ -172,14 +186,28 @@ def _fast_prefill(cfg) -> str | None:
     return "kv_sharing_fast_prefill" if cfg.cache_config.kv_sharing_fast_prefill else None
 
 
+_FP8_NOTE = ("pages hold fp8(x / scale) with per-producer scales (checkpoint or 1.0), every read and every "
+             "prefill pass sees those values; equals the fp8 reference (docs/semantics.md); the quality cost is "
+             "measured in docs/performance.md")
+
 _NO_SPEC_STREAMING = Cell("refused", "verify steps in StreamingLLM mode are not covered by the suite")
 
 FEATURES: tuple[Feature, ...] = (
     Feature(
-        "kv-cache-dtype", "`--kv-cache-dtype fp8` / `fp8_e4m3` / `fp8_e5m2` / any dtype other than the model's",
-        _all("refused", "the LCKV attention paths store pages in the model dtype only; fp8 pages are not implemented"),
+        "kv-cache-fp8", "`--kv-cache-dtype fp8` (= `fp8_e4m3`) / `fp8_e5m2`",
+        _all("bound", _FP8_NOTE),
         instead="serve with --kv-cache-dtype auto (pages in the model dtype)",
+        tests="tests/test_fp8_pages.py", detect=_kv_cache_fp8),
+    Feature(
+        "kv-cache-dtype", "`--kv-cache-dtype` another float dtype than the model's (`bfloat16` pages of a float32 "
+                          "model, ...)",
+        _all("refused", "the LCKV attention paths store pages in the model dtype or in fp8 only"),
+        instead="serve with --kv-cache-dtype auto, fp8 or fp8_e5m2",
         tests="tests/test_features.py", detect=_kv_cache_dtype),
+    Feature(
+        "kv-skip-layers", "`--kv-cache-dtype-skip-layers` (some layers' pages unquantized)",
+        _all("refused", "an LCKV engine stores every producer's pages in one dtype (the attention path's)"),
+        instead="quantize every producer's pages, or none", tests="tests/test_features.py", detect=_kv_skip_layers),
     Feature(
         "spec-ngram", "speculative decoding: `ngram` (`--speculative-config`)",
         _all("exact", "verify tokens are encoded one per sub-step, as decode would: greedy output equals plain "

@@ -45,6 +45,7 @@ from . import resume
 from . import vllm_patches as vp
 from .attention.base import AttentionPath
 from .attention.chooser import backend_for, select_path
+from .attention.page_dtype import page_dtype_of
 from .attention.context import kv_connector, link_step_groups, step_metadata
 from .attention.streaming_read import StreamingRead
 from ..plan import LayerPlan, plan_from_config
@@ -333,7 +334,8 @@ def _select_path(settings: Settings, config, vllm_config: VllmConfig, streaming:
     num_kv_heads = max(1, config.num_key_value_heads // tp)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return select_path(settings, vllm_config.device_config.device, head_dim, num_heads // num_kv_heads,
-                       vllm_config.model_config.dtype, vllm_config.cache_config.block_size, streaming=streaming)
+                       vllm_config.model_config.dtype, vllm_config.cache_config.block_size, streaming=streaming,
+                       page_dtype=page_dtype_of(vllm_config.cache_config.cache_dtype))
 
 
 class LCKVLlamaForCausalLM(nn.Module, SupportsPP):

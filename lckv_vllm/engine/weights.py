@@ -17,6 +17,8 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 logger = logging.getLogger("lckv_vllm")
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# a layer's fp8 K/V page scales, in the spellings vLLM's loaders accept; "kv_scale" (old) is one scale for both
+_KV_SCALE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(?:attn\.|k_proj\.|v_proj\.)?(k_scale|v_scale|kv_scale)$")
 
 # (fused vLLM parameter, checkpoint name, shard id)
 _STACKED = (
@@ -43,7 +45,11 @@ def load_lckv_weights(model, weights: Iterable[tuple[str, torch.Tensor]]) -> set
     start, end = model.model.start_layer, model.model.end_layer
     here = {"model.embed_tokens.": _present(model.model.embed_tokens), "model.norm.": _present(model.model.norm),
             "lm_head.": _present(model.lm_head) and not tied}
+    scales: dict[int, list[float]] = {}
     for name, w in weights:
+        if (sm := _KV_SCALE.match(name)) is not None:
+            _read_scale(scales, name, int(sm.group(1)), sm.group(2), w)
+            continue
         if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
             continue
         if tied and name.startswith("lm_head."):
@@ -97,6 +103,7 @@ def load_lckv_weights(model, weights: Iterable[tuple[str, torch.Tensor]]) -> set
                    f"checkpoint's own plan ({original!r}) it is a consumer without k/v projections; choose a "
                    f"pattern whose producers are among the checkpoint's producers" if original else "")
             )
+    _set_scales(model, scales, start, end)
     if ignored:
         logger.warning("ignoring %d k/v projection weights of layers whose KV no layer reads: %s", len(ignored),
                        ", ".join(ignored[:4]) + (" ..." if len(ignored) > 4 else ""))
@@ -104,6 +111,31 @@ def load_lckv_weights(model, weights: Iterable[tuple[str, torch.Tensor]]) -> set
     if missing_params:
         raise CheckpointError(f"checkpoint is missing weights: {', '.join(sorted(missing_params)[:8])}")
     return loaded | ({n for n in params if n.startswith("lm_head.")} if tied else set())
+
+
+def _read_scale(scales: dict, name: str, layer: int, which: str, w: torch.Tensor) -> None:
+    if w.numel() != 1:
+        raise CheckpointError(f"weight {name}: {w.numel()} values; the LCKV fp8 pages take one K and one V scale per "
+                              f"layer (per-tensor), not per-head scales")
+    value = float(w.reshape(-1)[0])
+    if not value > 0 or value == float("inf"):
+        raise CheckpointError(f"weight {name}: KV scale {value} (must be a positive finite number)")
+    pair = scales.setdefault(layer, [1.0, 1.0])
+    for j in {"k_scale": (0,), "v_scale": (1,), "kv_scale": (0, 1)}[which]:
+        pair[j] = value
+
+
+def _set_scales(model, scales: dict[int, list[float]], start: int, end: int) -> None:
+    """The checkpoint's K/V scales onto this stage's producers (`LCKVAttentionImpl.kv_scales`, read by every layer
+    that reads the producer's pages).  A consumer's scales are dropped: it owns no pages."""
+    plan = model.plan
+    dropped = sorted(i for i in scales if not plan.roles[i].computes_kv)
+    if dropped:
+        logger.info("ignoring the KV scales of layers %s: they keep no KV pages under layer_types %s", dropped,
+                    plan.layer_types)
+    for layer, (ks, vs) in scales.items():
+        if start <= layer < end and plan.roles[layer].computes_kv:
+            model.model.layers[layer].self_attn.attn.impl.kv_scales = (ks, vs)
 
 
 def _present(module) -> bool:

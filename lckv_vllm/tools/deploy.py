@@ -46,7 +46,8 @@ def kv_shape(config: dict) -> tuple[int, int]:
 
 def dtype_bytes(config: dict, dtype: str | None = None) -> int:
     name = (dtype or config.get("torch_dtype") or config.get("dtype") or "bfloat16").replace("torch.", "")
-    sizes = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1, "float8": 1}
+    sizes = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
+             "float8": 1}
     if name not in sizes:
         raise ValueError(f"dtype: {name!r} is not one of {', '.join(sizes)}")
     return sizes[name]
@@ -134,22 +135,23 @@ def prompt_nll(llm, windows: list[list[int]]) -> tuple[float, int]:
 
 def perplexities(model: str | Path, patterns: list[str | None], text: str, *, max_tokens: int = 2048,
                  window: int = 512, dtype: str = "float32", kv_bytes: int = 256 << 20, engine_kwargs=None,
-                 progress=print) -> list[dict]:
+                 progress=print, kv_cache_dtype: str = "auto") -> list[dict]:
     """Perplexity of `text` under each pattern (None: the checkpoint's own), each served by a vLLM engine with the
     pattern applied as `hf_overrides`.  Engines stay alive until the end (vLLM tears down process-wide state when
     one is destroyed).  Each window is encoded the way the model defines it, whole and with m+b passes (tolerance
     0), so patterns are compared on the model alone; what the serving defaults (adaptive passes, chunked prefill)
-    change is measured by benchmarks/convergence.py."""
+    change is measured by benchmarks/convergence.py.  `kv_cache_dtype`: the pages' dtype (`fp8`, `fp8_e5m2`:
+    docs/semantics.md, section 6)."""
     from vllm import LLM
 
     config = load_config(model)
     windows = text_windows(model, text, max_tokens, window)
     kv_heads, head_dim = kv_shape(config)
-    nbytes = dtype_bytes(config, dtype)
+    nbytes = dtype_bytes(config, dtype if kv_cache_dtype == "auto" else kv_cache_dtype)
     engines, rows = [], []
     for lt in patterns:
         kw = dict(dtype=dtype, max_model_len=max(len(w) for w in windows) + 1, kv_cache_memory_bytes=kv_bytes,
-                  enable_prefix_caching=False, enforce_eager=True, seed=0)
+                  enable_prefix_caching=False, enforce_eager=True, seed=0, kv_cache_dtype=kv_cache_dtype)
         kw.update(engine_kwargs or {})
         exact = {"lckv_prefill_tol": 0.0, "lckv_chunked_prefill": False}
         kw["hf_overrides"] = {**exact, **({"layer_types": lt} if lt is not None else {}),
@@ -158,7 +160,7 @@ def perplexities(model: str | Path, patterns: list[str | None], text: str, *, ma
         engines.append(llm)
         plan = llm.llm_engine.vllm_config.model_config.hf_config.plan
         nll, n = prompt_nll(llm, windows)
-        row = {"layer_types": plan.layer_types, "producers": len(plan.producers),
+        row = {"layer_types": plan.layer_types, "kv_cache_dtype": kv_cache_dtype, "producers": len(plan.producers),
                "kv_bytes_per_token": plan.kv_bytes_per_token(kv_heads, head_dim, nbytes),
                "tokens_scored": n, "perplexity": math.exp(nll / n)}
         progress(f"{row['layer_types']}: perplexity {row['perplexity']:.4f} over {n} tokens, "

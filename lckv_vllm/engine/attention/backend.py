@@ -48,7 +48,9 @@ class LCKVAttentionBackend(AttentionBackend):
     accept_output_buffer: bool = True
 
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", "float32"]
+    # fp8: the paths' `page_dtype` (page_dtype.py); the start-up guard (features.py) decides what is served
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16", "float32", "fp8", "fp8_e4m3",
+                                                 "fp8_e5m2"]
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
@@ -179,6 +181,10 @@ class LCKVAttentionImpl(AttentionImpl[LCKVStep]):
         self.streaming = lckv_streaming  # StreamingLLM mode: the engine's `StreamingRead`, else None
         # while a dict (`segments.SegmentUnits.capture`, during a prefill pass): record the K/V this producer writes
         self.capture: dict | None = None
+        # (k_scale, v_scale) of this producer's fp8 pages (weights.py sets them from the checkpoint; vLLM's default
+        # 1.0 otherwise).  Kept here, not in vLLM's `Attention._k_scale`, which vLLM resets to 1.0 after loading
+        # weights of a model without a quantization config.
+        self.kv_scales: tuple[float, float] = (1.0, 1.0)
 
     # ---- the LCKV op ------------------------------------------------------------------------------------------------
     def run(self, layer, layers: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -192,24 +198,29 @@ class LCKVAttentionImpl(AttentionImpl[LCKVStep]):
         if self.computes_kv:
             self.write_own_kv(layer, step, k, v, t)
         qv, ov = q[:t].view(t, self.num_heads, self.head_size), output[:t].view(t, self.num_heads, self.head_size)
-        pages = layers[self.read_name].kv_cache
+        producer = layers[self.read_name]
+        pages, scales = producer.kv_cache, producer.impl.kv_scales  # a consumer reads with its producer's scales
         if self.streaming is not None:  # sinks + window, keys rotated at their cache positions
             self.path.attend_streaming(qv, pages, step, scale=self.scale, strict=self.strict, out=ov,
-                                       read=self.streaming)
+                                       read=self.streaming, scales=scales)
         else:
-            self.path.attend(qv, pages, step, scale=self.scale, strict=self.strict, window=self.window, out=ov)
+            self.path.attend(qv, pages, step, scale=self.scale, strict=self.strict, window=self.window, out=ov,
+                             scales=scales)
         if t < output.shape[0]:
             output[t:] = 0
 
     def write_own_kv(self, layer, step: LCKVStep, k: torch.Tensor, v: torch.Tensor, t: int) -> None:
         """This producer's K/V write for the step's first `t` tokens (recorded first while the prefill measures
         how far a pass moved them)."""
-        if self.capture is not None:
-            self.capture[layer.layer_name] = torch.cat([k[:t], v[:t]], -1)
+        ks, vs = self.kv_scales
+        if self.capture is not None:  # as the pages will hold them: convergence is measured on what reads see
+            self.capture[layer.layer_name] = torch.cat(
+                [self.path.round_trip(k[:t], ks), self.path.round_trip(v[:t], vs)], -1)
         # its own pages may sit in another KV-cache group than the pages it reads (windowed pages): own slots
         own = step if self.read_name == layer.layer_name else step_metadata(layer.layer_name)
         self.path.write_kv(k[:t].view(t, self.num_kv_heads, self.head_size),
-                           v[:t].view(t, self.num_kv_heads, self.head_size), layer.kv_cache, own.slot_mapping, own)
+                           v[:t].view(t, self.num_kv_heads, self.head_size), layer.kv_cache, own.slot_mapping, own,
+                           scales=self.kv_scales)
 
     # ---- vLLM's generic route ---------------------------------------------------------------------------------------
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -219,14 +230,14 @@ class LCKVAttentionImpl(AttentionImpl[LCKVStep]):
         n = attn_metadata.num_actual_tokens
         self.path.attend(query[:n].view(n, self.num_heads, self.head_size), kv_cache, attn_metadata,
                          scale=self.scale, strict=self.strict, window=self.window,
-                         out=output[:n].view(n, self.num_heads, self.head_size))
+                         out=output[:n].view(n, self.num_heads, self.head_size), scales=self.kv_scales)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         n = slot_mapping.shape[0]
         self.path.write_kv(key[:n].view(n, self.num_kv_heads, self.head_size),
                            value[:n].view(n, self.num_kv_heads, self.head_size), kv_cache, slot_mapping,
-                           _step_of(layer))
+                           _step_of(layer), scales=self.kv_scales)
 
 
 class LCKVCpuAttentionImpl(LCKVAttentionImpl):

@@ -22,6 +22,7 @@ import torch
 from lckv_vllm.settings import ATTENTION_IMPL_ENV, Settings
 from .backend import BACKENDS
 from .base import AttentionPath
+from .page_dtype import AUTO, PageDtype
 
 logger = logging.getLogger("lckv_vllm")
 
@@ -31,19 +32,19 @@ def backend_for(path: AttentionPath) -> type:
     return BACKENDS[path.page_format]
 
 
-def make_path(name: str) -> AttentionPath:
+def make_path(name: str, page_dtype: PageDtype = AUTO, dtype: torch.dtype | None = None) -> AttentionPath:
     if name == "cpu":
         from .cpu_path import CpuPath
 
-        return CpuPath()
+        return CpuPath(page_dtype, dtype or torch.float32)
     if name == "triton":
         from .triton_path import TritonPath
 
-        return TritonPath()
+        return TritonPath(page_dtype)
     if name == "torch":
         from .torch_path import TorchPath
 
-        return TorchPath()
+        return TorchPath(page_dtype)
     raise ValueError(f"unknown attention path {name!r}")
 
 
@@ -56,8 +57,8 @@ def preferred(choice: str, device: torch.device | str | None) -> str:
 
 def select_path(settings: Settings, device: torch.device | str | None, head_size: int, num_queries_per_kv: int,
                 dtype: torch.dtype | None = None, block_size: int | None = None,
-                streaming: bool = False) -> AttentionPath:
-    """The path a model's layers use for their whole life."""
+                streaming: bool = False, page_dtype: PageDtype = AUTO) -> AttentionPath:
+    """The path a model's layers use for their whole life, storing `page_dtype` in its pages."""
     name = preferred(settings.attention_impl, device)
     problem = None
     if name == "cpu" and streaming:
@@ -68,14 +69,14 @@ def select_path(settings: Settings, device: torch.device | str | None, head_size
         if device is not None and torch.device(device).type != "cpu":
             problem = f"device {device} (vLLM's CPU kernels run on CPU only)"
         else:
-            problem = cpu_path.unsupported_reason(head_size, dtype, block_size)
+            problem = cpu_path.unsupported_reason(head_size, dtype, block_size, page_dtype)
     elif name == "triton":
         from . import triton_path
 
-        problem = triton_path.unsupported_reason(head_size, num_queries_per_kv)
+        problem = triton_path.unsupported_reason(head_size, num_queries_per_kv, page_dtype)
     if problem is None:
-        return make_path(name)
+        return make_path(name, page_dtype, dtype)
     if settings.attention_impl == name:
         raise ValueError(f"{ATTENTION_IMPL_ENV}={name}: the {name} attention kernels do not support {problem}")
     logger.info("LCKV attention: the %s kernels do not support %s; using the torch path", name, problem)
-    return make_path("torch")
+    return make_path("torch", page_dtype, dtype)

@@ -24,21 +24,26 @@ def unavailable_reason() -> str | None:
 _ISA: dict = {}
 
 
-def attention_isa(dtype, block_size: int, head_size: int) -> str:
-    """The kernel variant (vec / vec16 / amx / neon ...) vLLM's own CPU backend would pick for this shape."""
-    key = (dtype, block_size, head_size)
+def attention_isa(dtype, block_size: int, head_size: int, kv_cache_dtype: str = "auto") -> str:
+    """The kernel variant (vec / vec16 / amx / neon ...) vLLM's own CPU backend would pick for this shape.  Raises
+    NotImplementedError where vLLM has none (fp8 pages without AVX-512/AMX, or with a head size not a multiple of
+    32)."""
+    key = (dtype, block_size, head_size, kv_cache_dtype)
     isa = _ISA.get(key)
     if isa is None:
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-        isa = _ISA[key] = _get_attn_isa(dtype, block_size, head_size, "auto")
+        isa = _ISA[key] = _get_attn_isa(dtype, block_size, head_size, kv_cache_dtype)
     return isa
 
 
-def write_kv(key, value, key_cache, value_cache, slot_mapping, isa: str) -> None:
+def write_kv(key, value, key_cache, value_cache, slot_mapping, isa: str, k_scale: float = 1.0, v_scale: float = 1.0,
+             kv_cache_dtype: str = "auto") -> None:
+    """Store K/V in the kernels' page format; fp8 pages: fp8(x / scale), rounded toward zero (page_dtype.py)."""
     from vllm import _custom_ops as ops
 
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa, k_scale=k_scale,
+                                   v_scale=v_scale, kv_cache_dtype=kv_cache_dtype)
 
 
 def attention_schedule(*, num_reqs, num_heads, num_kv_heads, head_dim, seq_lens, dtype, query_start_loc,
@@ -55,11 +60,13 @@ def attention_schedule(*, num_reqs, num_heads, num_kv_heads, head_dim, seq_lens,
 
 
 def attention(*, query, key_cache, value_cache, output, query_start_loc, seq_lens, scale, sliding_window,
-                  block_table, scheduler_metadata) -> None:
+                  block_table, scheduler_metadata, k_scale: float = 1.0, v_scale: float = 1.0,
+                  kv_cache_dtype: str = "auto") -> None:
     from vllm import _custom_ops as ops
 
     ops.cpu_attention_with_kv_cache(
         query=query, key_cache=key_cache, value_cache=value_cache, output=output, query_start_loc=query_start_loc,
         seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None, sliding_window=sliding_window,
-        block_table=block_table, softcap=0.0, scheduler_metadata=scheduler_metadata, s_aux=None,
+        block_table=block_table, softcap=0.0, scheduler_metadata=scheduler_metadata, s_aux=None, k_scale=k_scale,
+        v_scale=v_scale, kv_cache_dtype=kv_cache_dtype,
     )

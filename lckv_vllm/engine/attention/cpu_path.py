@@ -25,7 +25,8 @@ import torch
 
 from . import cpu_kernels as ck
 from .backend import CPU_BLOCK_SIZE_MULTIPLE
-from .base import AttentionPath
+from .base import UNIT_SCALES, AttentionPath
+from .page_dtype import AUTO, PageDtype
 from .step import LCKVStep
 
 # Head sizes vLLM 0.32's CPU attention kernels are compiled for (CPUAttentionBackend.get_supported_head_sizes).
@@ -34,8 +35,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_SIZE_MULTIPLE = CPU_BLOCK_SIZE_MULTIPLE  # the page format's block constraint, declared by the backend
 
 
-def unsupported_reason(head_size: int, dtype: torch.dtype | None = None, block_size: int | None = None) -> str | None:
+def unsupported_reason(head_size: int, dtype: torch.dtype | None = None, block_size: int | None = None,
+                       page_dtype: PageDtype = AUTO) -> str | None:
     """Why these kernels cannot serve a layer (None when they can)."""
+    if page_dtype.quantized and ck.unavailable_reason() is None:
+        try:  # vLLM's fp8 CPU kernels exist for AVX-512 / AMX and head sizes divisible by 32 only
+            ck.attention_isa(dtype or torch.float32, block_size or BLOCK_SIZE_MULTIPLE * 2, head_size, page_dtype.name)
+        except NotImplementedError as e:
+            return f"{page_dtype.name} pages on this CPU ({e})"
     if head_size not in SUPPORTED_HEAD_SIZES:
         return f"head size {head_size} (vLLM's CPU kernels support {list(SUPPORTED_HEAD_SIZES)})"
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
@@ -100,26 +107,31 @@ def _state(step: LCKVStep) -> _CpuState:
 class CpuPath(AttentionPath):
     name = "cpu"
     page_format = "cpu"
+    rounding = "toward_zero"  # vLLM's CPU kernels' fp8 write (measured, page_dtype.py)
 
-    def write_kv(self, key, value, kv_cache, slot_mapping, step=None) -> None:
+    def __init__(self, page_dtype: PageDtype = AUTO, dtype: torch.dtype = torch.float32):
+        super().__init__(page_dtype)
+        self.dtype = dtype  # the model's: fp8 pages have no float dtype to write zeros in, and it picks the kernel
+
+    def write_kv(self, key, value, kv_cache, slot_mapping, step=None, scales=UNIT_SCALES) -> None:
         k_cache, v_cache = _split(kv_cache)
-        isa = ck.attention_isa(key.dtype, kv_cache.shape[2], key.shape[-1])
-        ck.write_kv(key, value, k_cache, v_cache, slot_mapping, isa)
+        isa = ck.attention_isa(key.dtype, kv_cache.shape[2], key.shape[-1], self.page_dtype.name)
+        ck.write_kv(key, value, k_cache, v_cache, slot_mapping, isa, *scales, kv_cache_dtype=self.page_dtype.name)
 
     def zero_slots(self, kv_cache, step) -> None:
         """A write of zeros through the kernels' own write op (only it knows the page format)."""
         _, hk, _, two_d = kv_cache.shape
-        zeros = kv_cache.new_zeros(step.slot_mapping.shape[0], hk, two_d // 2)
+        zeros = torch.zeros(step.slot_mapping.shape[0], hk, two_d // 2, dtype=self.dtype, device=kv_cache.device)
         self.write_kv(zeros, zeros, kv_cache, step.slot_mapping)
 
-    def attend(self, q, kv_cache, step, *, scale, strict, window, out):
+    def attend(self, q, kv_cache, step, *, scale, strict, window, out, scales=UNIT_SCALES):
         T, hq, d = q.shape
         if strict and window is not None and window <= 1:
             return out.zero_()  # a strict window of one position shows no key at all
         st = _state(step)
         kernel_window = -1 if window is None else (window - 1 if strict else window)
         k_cache, v_cache = _split(kv_cache)
-        isa = ck.attention_isa(q.dtype, kv_cache.shape[2], d)
+        isa = ck.attention_isa(q.dtype, kv_cache.shape[2], d, self.page_dtype.name)
         meta = st.scheduler_metadata(step, strict, kernel_window, hq, kv_cache.shape[1], d, q.dtype, isa)
         packed = strict and st.strict_rows is not None
         if packed:
@@ -132,13 +144,14 @@ class CpuPath(AttentionPath):
             query=q_in, key_cache=k_cache, value_cache=v_cache, output=o,
             query_start_loc=st.strict_query_start_loc if strict else step.query_start_loc,
             seq_lens=step.strict_seq_lens if strict else step.seq_lens, scale=scale,
-            sliding_window=kernel_window, block_table=step.block_table, scheduler_metadata=meta,
+            sliding_window=kernel_window, block_table=step.block_table, scheduler_metadata=meta, k_scale=scales[0],
+            v_scale=scales[1], kv_cache_dtype=self.page_dtype.name,
         )
         if packed:
             out.index_copy_(0, st.strict_rows, o)
             out.index_fill_(0, st.position0_rows, 0.0)
         return out
 
-    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, read):
+    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, read, scales=UNIT_SCALES):
         # the chooser never gives a streaming engine this path: rotating stored keys needs the plain page format
         raise NotImplementedError("StreamingLLM reads need the plain page format (torch or Triton path)")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from lckv_vllm.streaming import Streaming
 from .base import slot_view
+from .page_dtype import AUTO, PageDtype
 from .step import LCKVStep
 
 
@@ -44,8 +45,9 @@ class StreamingRead:
         self.theta = rope_theta
         self.inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
 
-    def gather_attend(self, q, kv_cache, step: LCKVStep, *, scale: float, strict: bool,
-                      out: torch.Tensor) -> torch.Tensor:
+    def gather_attend(self, q, kv_cache, step: LCKVStep, *, scale: float, strict: bool, out: torch.Tensor,
+                      page_dtype: PageDtype = AUTO, scales=(1.0, 1.0)) -> torch.Tensor:
+        """`page_dtype`/`scales`: what the pages store (fp8 pages are dequantized as gathered, before rotation)."""
         T, Hq, D = q.shape
         block_size = kv_cache.shape[2] if kv_cache.dim() == 4 else None
         slots = slot_view(kv_cache)
@@ -58,14 +60,19 @@ class StreamingRead:
             k2, v = step.gathered[1]
         else:
             kv = slots.view(slots.shape[0], -1).index_select(0, idx.k_slot_flat).view(idx.B, idx.K, Hk, 2 * D)
-            k = _rotate(kv[..., :D].to(q.dtype), *idx.trig("k", q.dtype))  # [B, K, Hk, D]
+            kraw, vraw = kv[..., :D], kv[..., D:]
+            if page_dtype.quantized:
+                kval, vval = page_dtype.load(kraw, scales[0], q.dtype), page_dtype.load(vraw, scales[1], q.dtype)
+            else:
+                kval, vval = kraw.to(q.dtype), vraw.to(q.dtype)
+            k = _rotate(kval, *idx.trig("k", q.dtype))  # [B, K, Hk, D]
             if idx.one_frame:
                 k2 = k.transpose(1, 2)
             else:
                 zero = torch.zeros_like(k)
                 sink = idx.is_sink[:, :, None, None]
                 k2 = torch.cat([torch.where(sink, k, zero), torch.where(sink, zero, k)], -1).transpose(1, 2)
-            v = kv[..., D:].to(q.dtype).transpose(1, 2)  # [B, Hk, K, D]
+            v = vval.transpose(1, 2)  # [B, Hk, K, D]
             step.gathered = (key, (k2, v))
         if idx.dense:  # one query per sequence, in order: no padding to scatter into
             qp = q.view(idx.B, 1, Hq, D)

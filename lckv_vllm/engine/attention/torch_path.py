@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import AttentionPath, slot_view
+from .base import UNIT_SCALES, AttentionPath, slot_view
 from .step import LCKVStep
 
 
 class TorchPath(AttentionPath):
     name = "torch"
 
-    def write_kv(self, key, value, kv_cache, slot_mapping, step=None) -> None:
+    def write_kv(self, key, value, kv_cache, slot_mapping, step=None, scales=UNIT_SCALES) -> None:
         slots = slot_view(kv_cache)
         if step is not None:
             step.kv_version += 1
@@ -26,8 +26,13 @@ class TorchPath(AttentionPath):
         valid = sm >= 0
         if not bool(valid.all()):
             sm, key, value = sm[valid], key[valid], value[valid]
+        pd = self.page_dtype
+        if pd.quantized:
+            rows = torch.cat([pd.store(key, scales[0]), pd.store(value, scales[1])], -1)
+        else:
+            rows = torch.cat([key, value], -1).to(slots.dtype)
         # one copy of whole slots (K and V side by side), not two strided scatters into halves of the last axis
-        slots.index_copy_(0, sm, torch.cat([key, value], -1).to(slots.dtype))
+        slots.index_copy_(0, sm, rows)
 
     def zero_slots(self, kv_cache, step) -> None:
         slots = slot_view(kv_cache)
@@ -35,22 +40,21 @@ class TorchPath(AttentionPath):
         sm = step.slot_mapping.long()
         slots[sm[sm >= 0]] = 0
 
-    def attend(self, q, kv_cache, step, *, scale, strict, window, out):
+    def attend(self, q, kv_cache, step, *, scale, strict, window, out, scales=UNIT_SCALES):
         T, Hq, D = q.shape
         block_size = kv_cache.shape[2] if kv_cache.dim() == 4 else None
         slots = slot_view(kv_cache)
         idx = _step_index(step, block_size, q.device)
         assert step.num_actual_tokens == T, (step.num_actual_tokens, T)
         Hk = slots.shape[1]
-        key = (slots.data_ptr(), step.kv_version)
+        key = (slots.data_ptr(), step.kv_version, q.dtype)
         if step.gathered is not None and step.gathered[0] == key:
-            kv = step.gathered[1]  # same producer, unchanged since the previous layer gathered it
+            k, v = step.gathered[1]  # same producer, unchanged since the previous layer gathered it
         else:
             # index_select on the 2-D [slots, Hk*2D] view copies whole rows: ~6x faster on CPU than advanced indexing
             kv = slots.view(slots.shape[0], -1).index_select(0, idx.k_slot_flat).view(idx.B, idx.K, Hk, 2 * D)
-            step.gathered = (key, kv)  # one entry: the copy lives only while consecutive layers share it
-        k = kv[..., :D].transpose(1, 2)  # [B, Hk, K, D]
-        v = kv[..., D:].transpose(1, 2)
+            k, v = self._values(kv, D, scales, q.dtype)
+            step.gathered = (key, (k, v))  # one entry: the copy lives only while consecutive layers share it
         vis, has_key = idx.mask(strict, window)
         if idx.single_query:
             qp = q[:, None]  # [B, 1, Hq, D], one query per sequence: no padding
@@ -58,7 +62,7 @@ class TorchPath(AttentionPath):
             qp = q.new_zeros(idx.B, idx.Q, Hq, D)
             qp[idx.q_valid] = q
         o = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=vis, scale=scale, enable_gqa=Hq != Hk
+            qp.transpose(1, 2), k, v, attn_mask=vis, scale=scale, enable_gqa=Hq != Hk
         ).transpose(1, 2)  # [B, Q, Hq, D]
         # A row that sees no key (position 0 under the strict mask) is defined as 0, not NaN and not a uniform average.
         if has_key is not None:
@@ -66,9 +70,17 @@ class TorchPath(AttentionPath):
         out.copy_(o[:, 0] if idx.single_query else o[idx.q_valid])
         return out
 
+    def _values(self, kv: torch.Tensor, D: int, scales, dtype: torch.dtype):
+        """Gathered page rows `[B, K, Hk, 2D]` -> K and V `[B, Hk, K, D]` in `dtype` (dequantized for fp8 pages)."""
+        k, v = kv[..., :D].transpose(1, 2), kv[..., D:].transpose(1, 2)
+        pd = self.page_dtype
+        if pd.quantized:
+            return pd.load(k, scales[0], dtype), pd.load(v, scales[1], dtype)
+        return k.to(dtype), v.to(dtype)
 
-    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, read):
-        return read.gather_attend(q, kv_cache, step, scale=scale, strict=strict, out=out)
+    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, read, scales=UNIT_SCALES):
+        return read.gather_attend(q, kv_cache, step, scale=scale, strict=strict, out=out, page_dtype=self.page_dtype,
+                                  scales=scales)
 
 
 class _StepIndex:

@@ -15,7 +15,8 @@ import sys
 import torch
 
 from lckv_vllm.settings import attention_impl_choice
-from .base import AttentionPath, slot_view
+from .base import UNIT_SCALES, AttentionPath, slot_view
+from .page_dtype import AUTO, PageDtype
 
 _KERNEL_MODULES = ("lckv_vllm.kernels.kv_cache", "lckv_vllm.kernels.paged_attention")
 _KERNELS = None
@@ -49,7 +50,7 @@ def _kernels():
     return _KERNELS
 
 
-def unsupported_reason(head_size: int, num_queries_per_kv: int) -> str | None:
+def unsupported_reason(head_size: int, num_queries_per_kv: int, page_dtype: PageDtype = AUTO) -> str | None:
     """Why the kernels cannot serve a layer shape (None when they can).  Imports the kernels: a broken Triton
     install fails here, at start-up, not at the first request."""
     kernels = _kernels()[1]
@@ -63,21 +64,26 @@ def unsupported_reason(head_size: int, num_queries_per_kv: int) -> str | None:
 class TritonPath(AttentionPath):
     name = "triton"
 
-    def write_kv(self, key, value, kv_cache, slot_mapping, step=None) -> None:
-        _kernels()[0].write_kv(key, value, slot_view(kv_cache), slot_mapping)
+    def write_kv(self, key, value, kv_cache, slot_mapping, step=None, scales=UNIT_SCALES) -> None:
+        _kernels()[0].write_kv(key, value, slot_view(kv_cache), slot_mapping, fp8=self._fp8, scales=scales)
 
     def zero_slots(self, kv_cache, step) -> None:
         _kernels()[0].zero_slots(slot_view(kv_cache), step.slot_mapping)
 
-    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, read):
+    def attend_streaming(self, q, kv_cache, step, *, scale, strict, out, read, scales=UNIT_SCALES):
         """The kernel walks each tile's sink range and window range and rotates in registers."""
         return self._paged(q, kv_cache, step, scale=scale, strict=strict, window=None, out=out,
-                           streaming=(read.s.sink_tokens, read.s.window, read.theta))
+                           streaming=(read.s.sink_tokens, read.s.window, read.theta), scales=scales)
 
-    def attend(self, q, kv_cache, step, *, scale, strict, window, out):
-        return self._paged(q, kv_cache, step, scale=scale, strict=strict, window=window, out=out, streaming=None)
+    def attend(self, q, kv_cache, step, *, scale, strict, window, out, scales=UNIT_SCALES):
+        return self._paged(q, kv_cache, step, scale=scale, strict=strict, window=window, out=out, streaming=None,
+                           scales=scales)
 
-    def _paged(self, q, kv_cache, step, *, scale, strict, window, out, streaming):
+    @property
+    def _fp8(self) -> str | None:
+        return self.page_dtype.name if self.page_dtype.quantized else None
+
+    def _paged(self, q, kv_cache, step, *, scale, strict, window, out, streaming, scales):
         if kv_cache.dim() != 4:
             raise ValueError("the Triton path needs vLLM's 4-D page tensor (it reads the block size from it)")
         return _kernels()[1].paged_attention(
@@ -94,4 +100,6 @@ class TritonPath(AttentionPath):
             max_seq_len=step.max_seq_len,
             out=out,
             streaming=streaming,
+            fp8=self._fp8,
+            scales=scales,
         )
