@@ -54,6 +54,8 @@ REFUSED = [  # (preset, engine arguments, words the message must contain)
     ("tiny-cla", dict(kv_cache_dtype="bfloat16"), ["kv_cache_dtype='bfloat16'", "acyclic", "fp8"]),
     ("tiny-w2", dict(kv_cache_dtype="fp8", kv_cache_dtype_skip_layers=["0"]),
      ["kv_cache_dtype_skip_layers=['0']", "one dtype"]),
+    ("tiny-cla", dict(kv_cache_dtype="fp8_e5m2", tensor_parallel_size=2),
+     ["kv_cache_dtype='fp8_e5m2' with tensor_parallel_size=2", "LCKV_ALLOW_UNTESTED=kv-cache-fp8-parallel"]),
     ("tiny-w2", dict(enable_lora=True), ["enable_lora", "merge the adapter"]),
     ("tiny-w2", dict(quantization="fp8"), ["quantization='fp8'", "unquantized"]),
     ("tiny-w2", dict(convert="embed"), ["convert='embed'", "for generation"]),

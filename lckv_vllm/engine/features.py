@@ -91,6 +91,16 @@ def _kv_cache_fp8(cfg) -> str | None:
     return f"kv_cache_dtype={dtype!r}" if dtype in _FP8_PAGES else None
 
 
+def _kv_fp8_parallel(cfg) -> str | None:
+    if _kv_cache_fp8(cfg) is None:
+        return None
+    pc = cfg.parallel_config
+    if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1:
+        return (f"{_kv_cache_fp8(cfg)} with tensor_parallel_size={pc.tensor_parallel_size}, "
+                f"pipeline_parallel_size={pc.pipeline_parallel_size}")
+    return None
+
+
 def _kv_skip_layers(cfg) -> str | None:
     skip = cfg.cache_config.kv_cache_dtype_skip_layers
     return f"kv_cache_dtype_skip_layers={list(skip)!r}" if skip else None
@@ -198,6 +208,12 @@ FEATURES: tuple[Feature, ...] = (
         _all("bound", _FP8_NOTE),
         instead="serve with --kv-cache-dtype auto (pages in the model dtype)",
         tests="tests/test_fp8_pages.py", detect=_kv_cache_fp8),
+    Feature(
+        "kv-cache-fp8-parallel", "fp8 pages with tensor or pipeline parallel",
+        _all("untested", "each rank stores its own KV heads (TP) or layers (PP) with the producers' scales, as one "
+                         "rank does, but the suite has not run fp8 pages on several ranks"),
+        instead="serve fp8 pages on one rank, or float pages on several", tests="tests/test_features.py",
+        detect=_kv_fp8_parallel),
     Feature(
         "kv-cache-dtype", "`--kv-cache-dtype` another float dtype than the model's (`bfloat16` pages of a float32 "
                           "model, ...)",
