@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import write_results
+from lckv_vllm.tools.harness import pyplot, save_figure, write_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -60,7 +60,7 @@ def ppl(nlls: list[list[float]]) -> float:
 def reference_side(model: Path, windows: list[list[int]], previous: dict | None = None) -> dict:
     """`previous`: an earlier run's result for this model: its tolerance sweep is kept (it does not depend on the
     default tolerance), the default-tolerance measurements are redone."""
-    from lckv_vllm.reference import ReferenceModel
+    from lckv_vllm.reference_model import ReferenceModel
     from lckv_vllm.settings import DEFAULT_PREFILL_TOL
 
     ref = ReferenceModel(model)
@@ -213,8 +213,6 @@ def main() -> int:
 
 
 def write_outputs(results: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    write_results(RESULTS / "convergence.json", results, indent=1)
     lines = []
     for name, r in results["models"].items():
         ref = r["reference"]
@@ -247,13 +245,10 @@ def write_outputs(results: dict) -> None:
             hist = ", ".join(f"{k}: {n}" for k, n in enumerate(v["passes_histogram"]) if n)
             lines.append(f"| {run} | {v['ppl']:.4f} | {v['rel_to_exact']:+.2e} | {hist} |")
         lines.append("")
-    (RESULTS / "convergence.md").write_text("\n".join(lines))
+    write_results(RESULTS / "convergence.json", results, indent=1, markdown="\n".join(lines))
     print("\n".join(lines))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in results["models"].items():
@@ -274,8 +269,7 @@ def write_outputs(results: dict) -> None:
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "convergence.png", dpi=120)
+    save_figure(fig, RESULTS / "convergence.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""fp8 KV pages: what they cost in quality and what they buy in memory and throughput (issue 27).
+"""fp8 KV pages: what they cost in quality and what they buy in memory and throughput.
 
 Three measurements, one run, float32 compute on this CPU:
 
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, machine, script_env, write_results
+from lckv_vllm.tools.harness import command_line, machine, pyplot, save_figure, script_env, write_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -161,10 +161,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     q = [r for r in report["quality"] if r["kv_cache_dtype"] != "auto"]
@@ -184,8 +181,7 @@ def plot(report: dict, path: Path) -> None:
         axes[1].set_ylabel("output tok/s vs vLLM Llama, float32 pages")
         axes[1].set_title("KV-bound throughput, same KV budget")
         axes[1].tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

@@ -54,6 +54,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from lckv_vllm.tools.harness import write_results
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -356,8 +358,6 @@ def run_one(model: str, mode: str, kind: str, tokenizer: Path, tasks_dir: Path, 
 
 # ---- output -------------------------------------------------------------------------------------------------------
 def write_outputs(results: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lm_eval.json").write_text(json.dumps(results, indent=1) + "\n")
     plans = {"shakespeare-identity": "identity `0_1_2_3_4_5`", "shakespeare-lckv-w2": "LCKV `0_4_4_4_4_5`"}
     lines = [f"lm-eval {results['lm_eval_version']}, `local-completions`, tasks `{PPL_TASK}` "
              f"({results['tasks'][PPL_TASK]['docs']} passages) and `{MC_TASK}` ({results['tasks'][MC_TASK]['docs']}"
@@ -393,7 +393,7 @@ def write_outputs(results: dict) -> None:
                   f"{bos['metrics'][MC_TASK]['acc']:.3f}; its per-document "
                   f"log-likelihoods differ from the server's by up to {bos['max_abs_diff_vs_direct']:.2f} nats "
                   "(the server's BOS shifts the scored span by one token)."]
-    (RESULTS / "lm_eval.md").write_text("\n".join(lines) + "\n")
+    write_results(RESULTS / "lm_eval.json", results, indent=1, markdown="\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -18,17 +18,15 @@ Writes mixed_step.json and mixed_step.png.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, machine, write_results
+from lckv_vllm.tools.harness import command_line, machine, pyplot, save_figure, script_env, write_results
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+script_env()
 
 HERE = Path(__file__).resolve().parent
 
@@ -166,10 +164,7 @@ def main() -> int:
         print(f"{name:14s} {c['output_tok_s_median']:7.1f} tok/s  x{c['ratio_vs_identity']:.3f} vs identity  "
               f"x{c['ratio_vs_llama']:.3f} vs llama")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(mixed)
@@ -188,8 +183,7 @@ def main() -> int:
                 ha="center", va="bottom", fontsize=8)
     a2.set_ylabel("output tokens/s (median)")
     a2.set_title(f"continuous batching, <=16 running, outputs {lo}-{hi}")
-    fig.tight_layout()
-    fig.savefig(out / "mixed_step.png", dpi=100)
+    save_figure(fig, out / "mixed_step.png", dpi=100)
     return 0
 
 

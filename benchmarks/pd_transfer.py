@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import shutil
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, write_results
+from lckv_vllm.tools.harness import command_line, script_env, write_results
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+script_env(force_in_process=True)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

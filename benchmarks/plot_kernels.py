@@ -10,12 +10,11 @@ import json
 import sys
 from pathlib import Path
 
+from lckv_vllm.tools.harness import pyplot
+
 
 def main(path: str) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     src = Path(path)
     rep = json.loads(src.read_text())

@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, write_results
+from lckv_vllm.tools.harness import command_line, script_env, write_results
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+script_env()
 
 HERE = Path(__file__).resolve().parent
 N_REQ, PROMPT, GEN, BLOCK = 12, 40, 120, 16
@@ -41,7 +40,7 @@ def run(preset: str, work: Path, exact: bool = True) -> dict:
     from vllm.inputs import TokensPrompt
 
     from lckv_vllm.tools.checkpoint import make_preset
-    from lckv_vllm.reference import ReferenceModel
+    from lckv_vllm.reference_model import ReferenceModel
 
     path = make_preset(preset, work / preset)
     ref = ReferenceModel(path)

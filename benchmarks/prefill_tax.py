@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, model_of, script_env, write_results
+from lckv_vllm.tools.harness import command_line, model_of, pyplot, save_figure, script_env, write_results
 
 script_env(force_in_process=True)
 
@@ -263,7 +263,7 @@ def chat_part(specs: dict, text_path: Path, args) -> dict:
             m = read_metrics(url)
             out[name]["prefill_passes_mean"] = (m["lckv_prefill_passes_sum"] / m["lckv_prefill_passes_count"]
                                                 if m.get("lckv_prefill_passes_count") else None)
-            print(f"    TTFT per turn " + ", ".join(f"{t}: {v['ttft']['mean_ms']:.0f} ms"
+            print("    TTFT per turn " + ", ".join(f"{t}: {v['ttft']['mean_ms']:.0f} ms"
                                                     for t, v in out[name]["per_turn"].items())
                   + f"; hit rate {out[name]['prefix_cache_hit_rate']:.2f}", flush=True)
     for res in (out, light):
@@ -321,8 +321,6 @@ def main(argv=None) -> int:
                                                           for n, (p, e) in specs.items()}}}
     t0 = time.time()
     if parts & {"prefill", "loads"}:
-        from lckv_vllm.tools.env import temporary_env  # noqa: F401 - OfflineEngine applies each engine's env
-
         engines = {}
         kw = dict(dtype="float32", max_model_len=max_len, max_num_batched_tokens=max_len, seed=0,
                   max_num_seqs=256, enforce_eager=True)
@@ -369,9 +367,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def _ttft_axes(ax, title: str) -> None:
+    """A TTFT-ratio panel: log2 prompt lengths, the 3x line the prefill cost is held to."""
+    ax.axhline(3, color="grey", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TTFT / identity TTFT")
+    ax.set_title(title, fontsize=10)
+
+
 def write_outputs(report: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    write_results(RESULTS / "prefill_tax.json", report, indent=1)
     lines = []
     if "prefill" in report:
         p = report["prefill"]
@@ -424,13 +429,10 @@ def write_outputs(report: dict) -> None:
                 for t in turns) + f" | {r['prefix_cache_hit_rate']:.2f} | {r['tpot']['mean_ms']:.1f} | "
                 f"{r['output_token_throughput_per_s']:.0f} |")
         lines.append("")
-    (RESULTS / "prefill_tax.md").write_text("\n".join(lines))
+    write_results(RESULTS / "prefill_tax.json", report, indent=1, markdown="\n".join(lines))
     print("\n".join(lines))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [k for k in ("prefill", "blocks", "loads", "chat") if k in report]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
@@ -440,22 +442,14 @@ def write_outputs(report: dict) -> None:
             for name in ("llama", "lckv-fixed", "lckv"):
                 ax.plot(p["lengths"], [p["engines"][name]["ratio_vs_identity"][str(L)] for L in p["lengths"]], "o-",
                         label=name)
-            ax.axhline(3, color="grey", ls="--", lw=1)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("prompt tokens")
-            ax.set_ylabel("TTFT / identity TTFT")
-            ax.set_title("prefill", fontsize=10)
+            _ttft_axes(ax, "prefill")
         elif part == "blocks":
             b = report["blocks"]
             for name in b["engines"]:
                 if name != "identity":
                     ax.plot(b["lengths"], [b["engines"][name]["ratio_vs_identity"][str(L)] for L in b["lengths"]],
                             "o-", label=name)
-            ax.axhline(3, color="grey", ls="--", lw=1)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("prompt tokens")
-            ax.set_ylabel("TTFT / identity TTFT")
-            ax.set_title("prefill blocks (LCKV_PREFILL_BLOCK)", fontsize=10)
+            _ttft_axes(ax, "prefill blocks (LCKV_PREFILL_BLOCK)")
         elif part == "loads":
             labels = list(next(iter(report["loads"].values())))
             for wname, cells in report["loads"].items():
@@ -478,8 +472,7 @@ def write_outputs(report: dict) -> None:
             ax.set_title("multi-turn chat, served", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "prefill_tax.png", dpi=120)
+    save_figure(fig, RESULTS / "prefill_tax.png", dpi=120)
 
 
 if __name__ == "__main__":

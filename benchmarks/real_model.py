@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, write_results
+from lckv_vllm.tools.harness import command_line, script_env, write_results
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+script_env()
 
 HERE = Path(__file__).resolve().parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,5 +1,5 @@
 """Does random cross-layer routing keep its promise?  A resumable sweep of routing probabilities against models
-trained for one sharing pattern, on the Shakespeare setup of benchmarks/train_shakespeare.py (issue 29).
+trained for one sharing pattern, on the Shakespeare setup of benchmarks/train_shakespeare.py.
 
 Stochastic KV routing (arXiv 2604.22782): in training, per forward pass, each layer i > 0 independently reads, with
 probability p, the K/V of a layer drawn uniformly from 0..i-1, else its own (`lckv-vllm train --route-prob p`; one
@@ -27,7 +27,7 @@ at once: identity/routed/fine-tuned models under the four deploy patterns, the p
 Order: the short schedule for all models, the fine-tunes, then the long schedule.  Every training is a resumable
 `lckv-vllm train ... --save-every 50 --resume` subprocess and every evaluation is cached next to its model
 (models/routed_sweep/<schedule>/<model>/quality.json), so a rerun continues where a killed one stopped; the JSON,
-table and plot are rewritten after every finished model.  The table adds the issue's done-when checks: (a) best
+table and plot are rewritten after every finished model.  The table adds its quality checks (docs/training.md): (a) best
 routed vs identity at 100 % within 2 %; (b) at 50 % best routed vs CLA-2-trained within 5 %; (c) at 25 % the best
 routed model's gap to the CLA-4-trained one at most half the identity-trained model's gap; (d) the routed fine-tune
 recovers at least half of what CLA-2 sharing costs the untuned identity model.
@@ -48,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import write_results
+from lckv_vllm.tools.harness import pyplot, save_figure, write_results
 
 from benchmarks import train_shakespeare as ts  # also sets the vLLM environment (in-process engine, quiet logging)
 
@@ -212,7 +212,7 @@ def best_routed(results: dict, schedule: str, pattern: str) -> tuple[str, float]
 
 
 def checks(results: dict) -> dict:
-    """The done-when checks of issue 29, per schedule; None where a model is still missing."""
+    """The quality checks (a)-(d) of the module docstring, per schedule; None where a model is still missing."""
     out = {}
     for s in ("short", "long"):
         ident, cla2, cla4 = (ppl(results, f"{s}/identity", "identity"), ppl(results, f"{s}/cla-2", "cla-2"),
@@ -344,10 +344,7 @@ def write_outputs(results: dict, dest: Path) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = results["runs"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2))
@@ -394,8 +391,7 @@ def plot(results: dict, path: Path) -> None:
     bx.legend(fontsize=7)
     fig.suptitle("Random cross-layer routing vs pattern-trained models, Shakespeare 6-layer 3.1M parameters",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

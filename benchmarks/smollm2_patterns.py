@@ -13,14 +13,12 @@ Then the planner at a 1 GiB KV budget and 4k context with those perplexities.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, machine, write_results
+from lckv_vllm.tools.harness import command_line, machine, pyplot, save_figure, script_env, write_results
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+script_env()
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -96,10 +94,7 @@ def main() -> int:
     (out / "smollm2_patterns.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -110,8 +105,7 @@ def main() -> int:
     ax.set_ylabel("perplexity (log scale)")
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M, untrained sharing patterns, Shakespeare held-out")
-    fig.tight_layout()
-    fig.savefig(out / "smollm2_patterns.png", dpi=100)
+    save_figure(fig, out / "smollm2_patterns.png", dpi=100)
     return 0
 
 

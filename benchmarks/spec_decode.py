@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, machine, write_results
+from lckv_vllm.tools.harness import command_line, machine, pyplot, save_figure, script_env, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,8 +43,8 @@ KS = (0, 3, 4, 5)
 
 def child(args) -> None:
     """One engine, one setting: prints a JSON line."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    script_env()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -115,10 +115,7 @@ def report(results: dict) -> str:
 
 
 def plot(results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     names = list(results["engines"])
@@ -132,8 +129,7 @@ def plot(results: dict) -> None:
     ax.set_ylabel("output tok/s vs no speculation (same engine, same run)")
     ax.set_title("ngram speculation on a copying load (CPU, 2 cores, fp32)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "spec_decode.png", dpi=120)
+    save_figure(fig, RESULTS / "spec_decode.png", dpi=120)
 
 
 def main() -> int:

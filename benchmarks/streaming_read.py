@@ -5,7 +5,7 @@ Where every query's shift equals its sequence's (every decode step) one head of 
 scores (`one_frame`); otherwise it doubles the head.  This script measures what the one-frame case saves: one
 engine per model (the committed trained 6-layer Shakespeare models, 4 sinks + window 252, fp32, eager), one
 request streaming past the window, and alternating rounds of decode steps with the one-frame case allowed (new) and
-forced off (old: the doubled head on every step, as before it existed), so both see the same machine and contexts.
+forced off (old: the doubled head on every step), so both see the same machine and contexts.
 Reported: median step time per variant and the median (min, max) of per-round ratios old / new.
 
     .venv/bin/python -m benchmarks.streaming_read   -> benchmarks/results/streaming_read.json
@@ -14,16 +14,14 @@ Reported: median step time per variant and the median (min, max) of per-round ra
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, write_results
+from lckv_vllm.tools.harness import command_line, script_env, write_results
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+script_env(force_in_process=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"identity": ROOT / "examples" / "shakespeare-identity", "lckv-w2": ROOT / "examples" / "shakespeare-lckv-w2"}
@@ -34,12 +32,12 @@ def measure(path: Path, rounds: int, steps: int, warm: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from lckv_vllm.engine.attention import streaming as st
+    from lckv_vllm.engine.attention import streaming_read as st
 
     force_doubled = {"on": False}
     original = st._StreamIndex.__init__
 
-    def index(self, *args, **kwargs):  # the old read: never one frame
+    def index(self, *args, **kwargs):  # "old": the doubled head, never one frame
         original(self, *args, **kwargs)
         if force_doubled["on"]:
             self.one_frame = self.dense = False

@@ -19,16 +19,14 @@ per token.  Writes benchmarks/results/throughput.json and throughput.png.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, machine, model_of, write_results
+from lckv_vllm.tools.harness import command_line, machine, model_of, pyplot, save_figure, script_env, write_results
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+script_env()
 
 HERE = Path(__file__).resolve().parent
 KV_BUDGET = 256 << 20
@@ -146,10 +144,7 @@ def main() -> int:
               f"(rounds {min(r['ratio_per_round']):.2f}-{max(r['ratio_per_round']):.2f})   "
               f"KV capacity {r['kv_capacity_tokens']:>8d} tokens (x{r['kv_capacity_ratio_vs_llama']:.2f})")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
         names = list(results)
@@ -165,8 +160,7 @@ def main() -> int:
         a2.set_title("KV capacity at one budget")
         for a in (a1, a2):
             a.tick_params(axis="x", labelsize=7, rotation=15)
-        fig.tight_layout()
-        fig.savefig(out / "throughput.png", dpi=100)
+        save_figure(fig, out / "throughput.png", dpi=100)
     except ImportError:
         print("matplotlib not installed: no plot")
     return 0

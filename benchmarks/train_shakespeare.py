@@ -26,16 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import write_results
+from lckv_vllm.tools.harness import pyplot, save_figure, script_env, write_results
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+script_env()
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -107,7 +105,7 @@ def reference_perplexity(model: Path, text: str) -> float:
     import torch
 
     from lckv_vllm.tools.deploy import text_windows
-    from lckv_vllm.reference import ReferenceModel
+    from lckv_vllm.reference_model import ReferenceModel
 
     ref = ReferenceModel(model)
     nll, n = 0.0, 0
@@ -140,8 +138,6 @@ def samples(model: Path) -> list[dict]:
 
 
 def write_outputs(results: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    write_results(RESULTS / "shakespeare_train.json", results, indent=2)
     lines = ["| model (trained plan) | KV bytes/token | train time | held-out ppl, reference | held-out ppl, vLLM |"
              " relative difference |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, m in results["models"].items():
@@ -153,13 +149,10 @@ def write_outputs(results: dict) -> None:
         a = results["deploy"]["identity"][pat]
         b = results["deploy"]["routed"][pat]
         lines.append(f"| {pat} (`{lt}`) | {a['kv_bytes_per_token']:,} | {a['perplexity']:.2f} | {b['perplexity']:.2f} |")
-    (RESULTS / "shakespeare_train.md").write_text("\n".join(lines) + "\n")
+    write_results(RESULTS / "shakespeare_train.json", results, indent=2, markdown="\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for who, marker, dx, color in (("identity", "o", 0.97, "tab:blue"), ("routed", "s", 1.03, "tab:orange")):
@@ -188,8 +181,7 @@ def write_outputs(results: dict) -> None:
     ax.set_title("Shakespeare, 6-layer 3.1M-parameter models, same steps each", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "shakespeare_train.png", dpi=120)
+    save_figure(fig, RESULTS / "shakespeare_train.png", dpi=120)
 
 
 def main() -> int:

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import random
 import sys
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, write_results
+from lckv_vllm.tools.harness import command_line, pyplot, save_figure, script_env, write_results
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+script_env()
 
 HERE = Path(__file__).resolve().parent
 WINDOW = 128
@@ -88,10 +86,7 @@ def run(path: Path, windowed: bool, args) -> dict:
 
 
 def plot(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(result["plans"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -107,8 +102,7 @@ def plot(result: dict, out: Path) -> None:
     a = result["args"]
     fig.suptitle(f"{a['requests']} x ({a['prompt']} + {a['gen']}) tokens, KV budget {a['kv_mib']} MiB, window "
                  f"{WINDOW} (12 layers, hidden 256, fp32, CPU)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
 
 
 def main() -> int:

@@ -80,7 +80,7 @@ class Pages:
         # [num_blocks, block_size, num_kv_heads, 2 * head_size]: physical order of both backends' pages
         self.pages = torch.randn(num_blocks, block_size, num_kv_heads, 2 * head_size, device=device).to(dtype)
         if kv_fp8:  # uint8 pages holding fp8 values (scale 1), as vLLM allocates them
-            from lckv_vllm.kernels.reference import fp8_bits_ref
+            from lckv_vllm.kernels.torch_reference import fp8_bits_ref
 
             self.pages = fp8_bits_ref(self.pages, kv_fp8, 1.0)
         self.slots = self.pages.view(num_blocks * block_size, num_kv_heads, 2 * head_size)

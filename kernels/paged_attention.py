@@ -75,6 +75,47 @@ def _page_values(raw, scale, FP8: tl.constexpr):
 
 
 @triton.jit
+def _causal(kpos, pos, STRICT: tl.constexpr):
+    """[rows, keys] mask of the keys each query may see by position: strictly earlier ones on a consumer layer of the
+    cyclic segment (STRICT: its own KV is not computed yet), earlier or its own otherwise."""
+    if STRICT:
+        return kpos[None, :] < pos[:, None]
+    else:
+        return kpos[None, :] <= pos[:, None]
+
+
+@triton.jit
+def _softmax_tile(s, visible, m_i, l_i):
+    """One key tile of the online softmax in base 2: scores `s` [rows, keys], the keys each row may see, the
+    running max `m_i` and sum `l_i` -> (p, alpha, new max, new sum); the caller rescales its accumulator by alpha.
+    A row with nothing visible so far keeps m = -inf; subtracting a finite stand-in keeps exp2 at 0 instead of
+    exp2(-inf - -inf) = NaN, so such rows end with l = 0 (see _normalize)."""
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    return p, alpha, m_new, l_i * alpha + tl.reduce(p, 1, _SUM)
+
+
+@triton.jit
+def _tile_values(kv_base, slot, stride_slot, d, k_valid, d_valid, v_scale, HEAD_SIZE: tl.constexpr,
+                 FP8: tl.constexpr):
+    """The V half of a key tile's slots [keys, D], as values (fp8 pages decoded and scaled)."""
+    v = tl.load(kv_base + slot[:, None] * stride_slot + HEAD_SIZE + d[None, :],
+                mask=k_valid[:, None] & d_valid[None, :], other=0.0)
+    return _page_values(v, v_scale, FP8)
+
+
+@triton.jit
+def _normalize(acc, l_i):
+    """acc / l per row -> (output, has_key); a row that saw no key is exactly 0 (acc is 0 too: this documents it)."""
+    has_key = l_i > 0.0
+    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    return tl.where(has_key[:, None], o, 0.0), has_key
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr,  # [num_tokens, num_heads, HEAD_SIZE], strides (stride_qt, stride_qh, 1)
     kv_ptr,  # [num_slots, num_kv_heads, 2 * HEAD_SIZE], strides (stride_slot, stride_kvh, 1); K | V
@@ -195,32 +236,18 @@ def _paged_attention_kernel(
                     mask=k_valid[None, :] & d_valid[:, None], other=0.0)
         k = _page_values(k, k_scale, FP8)
         s = tl.dot(q, k.to(q_ptr.dtype.element_ty).to(q.dtype), input_precision=DOT_PRECISION) * scale_log2
-        if STRICT:
-            visible = kpos[None, :] < pos[:, None]
-        else:
-            visible = kpos[None, :] <= pos[:, None]
+        visible = _causal(kpos, pos, STRICT)
         if USE_WINDOW:
             visible &= kpos[None, :] > pos[:, None] - window
         visible &= k_valid[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        # A row with nothing visible so far keeps m = -inf; subtracting a finite stand-in keeps exp2 at 0 instead of
-        # exp2(-inf - -inf) = NaN, so such rows end with l = 0 and are zeroed below.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
-        v = tl.load(kv_base + slot[:, None] * stride_slot + HEAD_SIZE + d[None, :],
-                    mask=k_valid[:, None] & d_valid[None, :], other=0.0)
-        v = _page_values(v, v_scale, FP8)
+        p, alpha, m_new, l_i = _softmax_tile(s, visible, m_i, l_i)
+        v = _tile_values(kv_base, slot, stride_slot, d, k_valid, d_valid, v_scale, HEAD_SIZE, FP8)
         acc = acc * alpha[:, None]
         # P is rounded to the input dtype for the second product, as flash-attention kernels do on tensor cores.
         acc = tl.dot(p.to(q_ptr.dtype.element_ty).to(q.dtype), v.to(q_ptr.dtype.element_ty).to(q.dtype), acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    has_key = l_i > 0.0
-    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    o = tl.where(has_key[:, None], o, 0.0)  # no visible key: exactly 0 (acc is 0 too, this only documents it)
+    o, has_key = _normalize(acc, l_i)
     o_ptrs = out_ptr + split.to(tl.int64) * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
     if NUM_SPLITS > 1:
@@ -292,27 +319,15 @@ def _streaming_tile(q, q_ptr, kv_ptr, out_ptr, token, head, pos, row_valid, d, d
         k = _rotate(k, k_swap.to(tl.float32), sign[:, None], (kpos - base).to(tl.float32)[None, :] * inv_freq[:, None])
         q_use = tl.where(in_sink, q_sink, q_win)
         s = tl.dot(q_use, k.to(q_use.dtype), input_precision=DOT_PRECISION) * scale_log2
-        if STRICT:
-            visible = kpos[None, :] < pos[:, None]
-        else:
-            visible = kpos[None, :] <= pos[:, None]
+        visible = _causal(kpos, pos, STRICT)
         visible &= (kpos[None, :] < sinks) | (kpos[None, :] > pos[:, None] - window)
         visible &= k_valid[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
-        v = tl.load(kv_base + slot[:, None] * stride_slot + HEAD_SIZE + d[None, :],
-                    mask=k_valid[:, None] & d_valid[None, :], other=0.0)
-        v = _page_values(v, v_scale, FP8)
+        p, alpha, m_new, l_i = _softmax_tile(s, visible, m_i, l_i)
+        v = _tile_values(kv_base, slot, stride_slot, d, k_valid, d_valid, v_scale, HEAD_SIZE, FP8)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(q_use.dtype), v.to(q_use.dtype), acc, input_precision=DOT_PRECISION)
         m_i = m_new
-    has_key = l_i > 0.0
-    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    o = tl.where(has_key[:, None], o, 0.0)
+    o, _ = _normalize(acc, l_i)
     o_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
 

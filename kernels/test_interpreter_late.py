@@ -21,7 +21,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from lckv_vllm.kernels.kv_cache import write_kv, zero_slots
 from lckv_vllm.kernels.paged_attention import paged_attention
-from lckv_vllm.kernels.reference import paged_attention_ref, write_kv_ref, zero_slots_ref
+from lckv_vllm.kernels.torch_reference import paged_attention_ref, write_kv_ref, zero_slots_ref
 
 g = torch.Generator().manual_seed(0)
 slots = torch.randn(16, 2, 64, generator=g)

@@ -1,10 +1,10 @@
-"""KV write and zero-fill kernels against their references (`reference.py`): exact equality, since both copy."""
+"""KV write and zero-fill kernels against their references (`torch_reference.py`): exact equality, since both copy."""
 
 import pytest
 import torch
 
 from lckv_vllm.kernels.kv_cache import write_kv, zero_slots
-from lckv_vllm.kernels.reference import fp8_bits_ref, write_kv_ref, zero_slots_ref
+from lckv_vllm.kernels.torch_reference import fp8_bits_ref, write_kv_ref, zero_slots_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -67,7 +67,7 @@ def test_write_kv_fp8_matches_reference(fp8, dtype):
     write_kv(k.to(DEVICE), v.to(DEVICE), got, slots.to(DEVICE), fp8=fp8, scales=(0.3, 1.7))
     assert torch.equal(got.cpu(), expect)
     written = expect[slots[slots >= 0]]
-    from lckv_vllm.kernels.reference import FP8_TORCH
+    from lckv_vllm.kernels.torch_reference import FP8_TORCH
 
     assert (written != 0).any() and bool(written.view(FP8_TORCH[fp8]).float().isfinite().all())  # saturated, no NaN
     # the scales matter: with others the bytes differ
@@ -85,7 +85,7 @@ def test_fp8_encoding_at_every_rounding_boundary(fp8):
     """Every fp8 value, every midpoint between neighbours (ties to even), one float32 step either side of each
     midpoint, both signs, beyond the largest value and in the subnormal range: the kernel's bytes equal torch's
     cast after saturation.  (Triton's own fp8 cast, under its interpreter, got the carries at powers of two wrong.)"""
-    from lckv_vllm.kernels.reference import FP8_TORCH
+    from lckv_vllm.kernels.torch_reference import FP8_TORCH
 
     dt = FP8_TORCH[fp8]
     values = torch.arange(128, dtype=torch.uint8).view(dt).float()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lckv_vllm.kernels.paged_attention import paged_attention
-from lckv_vllm.kernels.reference import fp8_bits_ref, paged_attention_ref, streaming_attention_ref
+from lckv_vllm.kernels.torch_reference import fp8_bits_ref, paged_attention_ref, streaming_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Max |kernel - float64 reference| on outputs of magnitude ~1.  fp32: exact-ish (fp32 accumulation, IEEE dots);
@@ -133,7 +133,7 @@ def test_gqa_strict_window(group, strict, window):
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 16, 32])
-def test_block_sizes(block_size):
+def test_block_sizes_match_reference(block_size):
     check(MIXED, group=2, head_size=64, dtype=torch.float16, block_size=block_size, strict=True, window=9,
           seed=block_size)
 
@@ -193,7 +193,7 @@ def check_streaming(ctx_q, *, sinks, window, num_kv_heads=2, group=2, head_size=
 
 @pytest.mark.parametrize("strict", [False, True], ids=["causal", "strict"])
 @pytest.mark.parametrize("sinks,window", [(3, 10), (0, 6), (4, 1), (16, 20)])
-def test_streaming_reads(strict, sinks, window):
+def test_streaming_reads_match_reference(strict, sinks, window):
     check_streaming(STREAM_MIXED, sinks=sinks, window=window, strict=strict, seed=sinks + window + strict)
 
 

@@ -242,7 +242,7 @@ def _cmd_import_llama(args) -> int:
 
 
 def _cmd_features(args) -> int:
-    from .engine.features import markdown
+    from .tools.feature_table import markdown
 
     print(markdown(), end="")
     return 0
@@ -276,11 +276,13 @@ def _cmd_bench(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     import os
 
+    from .tools.harness import in_process
+
     argv = sys.argv[1:] if argv is None else list(argv)
     # the commands that build vLLM engines print tables on stdout, where vLLM also logs: keep its chatter to errors
     # unless the user asks for more
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    in_process()
     if argv and argv[0] == "bench":  # its options (and --help) belong to the benchmark's own parser
         return _cmd_bench(argv[1:])
     p = argparse.ArgumentParser(prog="lckv-vllm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .streaming import Streaming, StreamingError, streaming_from_config
+from .streaming_spec import Streaming, StreamingError, streaming_from_config
 
 _ENTRY = re.compile(r"^(\d+)(s?)$")
 
@@ -69,7 +69,7 @@ class LayerPlan:
     force_nodiag: bool = False
     sliding_window: int | None = None
     use_sequential: bool = False  # encode prompts token by token (exact, one pass per token of the longest prompt)
-    streaming: Streaming | None = None  # StreamingLLM mode: every producer keeps sinks + a window (streaming.py)
+    streaming: Streaming | None = None  # StreamingLLM mode: every producer keeps sinks + a window (streaming_spec.py)
     _producers: tuple[int, ...] = field(default=(), repr=False)
 
     # ---- construction -------------------------------------------------------------------------------------------

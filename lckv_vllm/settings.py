@@ -17,7 +17,7 @@ Eight switches exist, each an environment variable with a config-field twin (so 
   block.  Smaller blocks converge in fewer passes (docs/prefill.md);
 * `LCKV_WINDOWED_PAGES` (config `lckv_windowed_pages`, default on): a producer whose every reader is sliding-window
   gets vLLM's sliding-window KV spec, so its pages older than the window are freed (`LayerPlan.page_window`); off
-  keeps full pages for every producer (the window applied on read only), the layout before windowed pages;
+  keeps full pages for every producer (the window applied on read only);
 * `LCKV_PASS_ECONOMY` (config `lckv_pass_economy`, default on): passes after the first of an iterative prefill run
   only over rows that can still change (`prefill.py`); off runs every pass over every row (and no adaptive stop),
   the m+b-pass result at a higher cost: kept to measure the economy and as a fallback;

@@ -20,16 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
-from urllib.parse import urlparse
 
-import gevent
 from locust import HttpUser, events, task
 from locust.exception import StopUser
-from stream import latency_ms, read_sse
+from sse import Run, check_loopback, latency_ms
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MODEL = os.environ.get("LCKV_LOAD_MODEL")
 OUT = os.environ.get("LCKV_LOAD_OUT")
 TEXT = open(os.environ["LCKV_CHAT_TEXT"], encoding="utf-8").read() if os.environ.get("LCKV_CHAT_TEXT") else ""
@@ -41,20 +36,12 @@ USER_CHARS = int(os.environ.get("LCKV_CHAT_USER_CHARS", "160"))
 # index of the first conversation's text: a second load on the same server takes texts its cache has not seen
 FIRST = int(os.environ.get("LCKV_CHAT_FIRST_CONVERSATION", "0"))
 
-_lock = threading.Lock()
-_started = 0
-_finished = 0
-_samples: list[dict] = []
-_failures = 0
-_t_first: float | None = None
-_t_last: float | None = None
+RUN = Run(CONVERSATIONS)
 
 
 @events.init.add_listener
 def _check(environment, **_):
-    host = urlparse(environment.host or "").hostname
-    if host not in LOOPBACK:
-        raise SystemExit(f"chat_locustfile: refusing to load-test {environment.host!r}: loopback hosts only")
+    check_loopback(environment, "chat_locustfile")
     if len(TEXT) < SYSTEM_CHARS + (FIRST + CONVERSATIONS) * TURNS * USER_CHARS:
         raise SystemExit("chat_locustfile: LCKV_CHAT_TEXT is too short for the conversations asked for")
 
@@ -67,11 +54,9 @@ def _user_message(conversation: int, turn: int) -> str:
 class ChatUser(HttpUser):
     @task
     def conversation(self):
-        global _started
-        with _lock:
-            if _started >= CONVERSATIONS:
-                raise StopUser()
-            index, _started = _started, _started + 1
+        index = RUN.take()
+        if index is None:
+            raise StopUser()
         history = TEXT[:SYSTEM_CHARS]
         try:
             for turn in range(TURNS):
@@ -81,47 +66,23 @@ class ChatUser(HttpUser):
                     return
                 history += reply
         finally:
-            self._done()
-
-    def _done(self):
-        global _finished
-        with _lock:
-            _finished += 1
-            last = _finished >= CONVERSATIONS
-        if last:
-            gevent.spawn_later(0, self.environment.runner.quit)
+            RUN.done(self.environment)
 
     def _turn(self, prompt: str, turn: int) -> str | None:
-        global _failures, _t_first, _t_last
         body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         if MODEL:
             body["model"] = MODEL
-        t0 = time.perf_counter()
-        with self.client.post("/v1/completions", json=body, stream=True, catch_response=True,
-                              name=f"turn {turn + 1}") as r:
-            if r.status_code != 200:
-                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
-                with _lock:
-                    _failures += 1
-                return None
-            times, text, usage = read_sse(r)
-            t1 = time.perf_counter()
-            if not times or not usage:
-                r.failure("no tokens or no usage in the stream")
-                with _lock:
-                    _failures += 1
-                return None
-            r.success()
+        done = RUN.completion(self.client, body, f"turn {turn + 1}")
+        if done is None:
+            return None
+        t0, t1, times, text, usage = done
         out = usage["completion_tokens"]
         details = usage.get("prompt_tokens_details") or {}
         sample = {"turn": turn + 1, "ttft": times[0] - t0, "e2el": t1 - t0, "output_tokens": out,
                   "tpot": (t1 - times[0]) / (out - 1) if out > 1 else None, "prompt_tokens": usage["prompt_tokens"],
                   "cached_tokens": details.get("cached_tokens")}
-        with _lock:
-            _samples.append(sample)
-            _t_first = t0 if _t_first is None else min(_t_first, t0)
-            _t_last = t1 if _t_last is None else max(_t_last, t1)
+        RUN.add(sample, t0, t1)
         return "".join(text)
 
 
@@ -137,10 +98,7 @@ def _group(samples: list[dict]) -> dict:
 
 
 def summary() -> dict:
-    with _lock:
-        samples = list(_samples)
-        span = (_t_last - _t_first) if _t_first is not None and _t_last is not None else 0.0
-        failures = _failures
+    samples, failures, span = RUN.snapshot()
     out = _group(samples)
     out.update(failed=failures, duration_s=span, conversations=CONVERSATIONS, turns=TURNS, max_tokens=MAX_TOKENS,
                output_token_throughput_per_s=sum(s["output_tokens"] for s in samples) / span if span else None,

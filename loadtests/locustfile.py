@@ -19,15 +19,11 @@ import os
 import random
 import statistics
 import threading
-import time
-from urllib.parse import urlparse
 
-import gevent
 from locust import HttpUser, events, task
 from locust.exception import StopUser
-from stream import latency_ms, read_sse
+from sse import Run, check_loopback, latency_ms
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MODEL = os.environ.get("LCKV_LOAD_MODEL")
 API_KEY = os.environ.get("LCKV_LOAD_API_KEY")
 PROMPT_TOKENS = int(os.environ.get("LCKV_LOAD_PROMPT_TOKENS", "64"))
@@ -39,14 +35,9 @@ _WORDS = ("the of and to in is was that for on with as by at from his her they t
           "what all were when we there can more if no out so said one about up them into time than only could new "
           "some these two may first then do any like my now over such our man me even most made after also").split()
 
-_lock = threading.Lock()
-_started = 0
-_done = 0
+RUN = Run(MAX_REQUESTS)
+_users_lock = threading.Lock()
 _users = 0
-_samples: list[dict] = []
-_failures = 0
-_t_first: float | None = None
-_t_last: float | None = None
 
 
 def _prompt(rng: random.Random) -> str:
@@ -56,15 +47,13 @@ def _prompt(rng: random.Random) -> str:
 
 @events.init.add_listener
 def _check_host(environment, **_):
-    host = urlparse(environment.host or "").hostname
-    if host not in LOOPBACK:
-        raise SystemExit(f"locustfile: refusing to load-test {environment.host!r}: loopback hosts only")
+    check_loopback(environment, "locustfile")
 
 
 class CompletionUser(HttpUser):
     def on_start(self):
         global _users
-        with _lock:
+        with _users_lock:
             index, _users = _users, _users + 1
         self.rng = random.Random(int(os.environ.get("LCKV_LOAD_SEED", "0")) * 1000 + index)
         if API_KEY:
@@ -72,46 +61,22 @@ class CompletionUser(HttpUser):
 
     @task
     def stream_completion(self):
-        global _started
-        with _lock:
-            if _started >= MAX_REQUESTS:
-                raise StopUser()
-            _started += 1
+        if RUN.take() is None:
+            raise StopUser()
         try:
             self._one()
         finally:
-            self._finished()
-
-    def _finished(self):
-        global _done
-        with _lock:
-            _done += 1
-            last = _done >= MAX_REQUESTS
-        if last:  # the request budget is spent: stop the whole run (from another greenlet, not this user's)
-            gevent.spawn_later(0, self.environment.runner.quit)
+            RUN.done(self.environment)
 
     def _one(self):
-        global _failures, _t_first, _t_last
         body = {"prompt": _prompt(self.rng), "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
         if MODEL:
             body["model"] = MODEL
-        t0 = time.perf_counter()
-        with self.client.post("/v1/completions", json=body, stream=True, catch_response=True,
-                              name="/v1/completions (stream)") as r:
-            if r.status_code != 200:
-                r.failure(f"HTTP {r.status_code}: {r.text[:200]}")
-                with _lock:
-                    _failures += 1
-                return
-            chunk_times, _, usage = read_sse(r)
-            t1 = time.perf_counter()
-            if not chunk_times or not usage:
-                r.failure("no tokens or no usage in the stream")
-                with _lock:
-                    _failures += 1
-                return
-            r.success()
+        done = RUN.completion(self.client, body, "/v1/completions (stream)")
+        if done is None:
+            return
+        t0, t1, chunk_times, _, usage = done
         out_tokens = usage["completion_tokens"]
         ttft = chunk_times[0] - t0
         sample = {"ttft": ttft, "e2el": t1 - t0, "output_tokens": out_tokens, "prompt_tokens": usage["prompt_tokens"],
@@ -119,17 +84,11 @@ class CompletionUser(HttpUser):
                   "itl": [b - a for a, b in zip(chunk_times, chunk_times[1:])]}
         events.request.fire(request_type="TTFT", name="first token", response_time=ttft * 1000,
                             response_length=0, exception=None, context={})
-        with _lock:
-            _samples.append(sample)
-            _t_first = t0 if _t_first is None else min(_t_first, t0)
-            _t_last = t1 if _t_last is None else max(_t_last, t1)
+        RUN.add(sample, t0, t1)
 
 
 def summary() -> dict:
-    with _lock:
-        samples = list(_samples)
-        failures = _failures
-        span = (_t_last - _t_first) if _t_first is not None and _t_last is not None else 0.0
+    samples, failures, span = RUN.snapshot()
     out_tokens = sum(s["output_tokens"] for s in samples)
     return {
         "completed": len(samples),

@@ -27,12 +27,14 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from . import __version__
+from .chat import create_chat_completion
+from .completions import create_completion
 from .engine import EngineFrontend
 from .errors import APIError, BodyTooLarge, error_body, from_engine_exception, install_handlers, log_unexpected
 from .metrics import ServerMetrics
 from .openapi import build_openapi
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from .serving import ClientGone, create_chat_completion, create_completion
+from .sse import ClientGone
 
 logger = logging.getLogger("lckv_vllm.server")
 
@@ -231,21 +233,21 @@ def create_app(fe: EngineFrontend, *, api_key: str | None = None, max_body_bytes
         name = fe.resolve_model(model_id)
         return _card(name).model_dump()
 
-    @app.post("/v1/completions")
-    async def completions(raw: Request):
+    async def generate(raw: Request, request_model, create) -> Response:
+        """Parse the body as `request_model` and answer it with `create`; 499 if the client went away first."""
         try:
-            body = await _parse(raw, CompletionRequest)
-            return await create_completion(fe, metrics, body, raw)
+            body = await _parse(raw, request_model)
+            return await create(fe, metrics, body, raw)
         except ClientGone:
             return Response(status_code=499)
 
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        return await generate(raw, CompletionRequest, create_completion)
+
     @app.post("/v1/chat/completions")
     async def chat(raw: Request):
-        try:
-            body = await _parse(raw, ChatCompletionRequest)
-            return await create_chat_completion(fe, metrics, body, raw)
-        except ClientGone:
-            return Response(status_code=499)
+        return await generate(raw, ChatCompletionRequest, create_chat_completion)
 
     return GuardMiddleware(app, metrics=metrics, api_key=api_key, max_body_bytes=max_body_bytes)
 

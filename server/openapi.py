@@ -46,34 +46,23 @@ def _add(components: dict, model, mode: str) -> dict:
     return {"$ref": REF.format(model=model.__name__)}
 
 
-def _integer_nodes(node: Any):
-    """Every integer schema inside `node` (through anyOf/oneOf and array items)."""
+def _typed_nodes(node: Any, type_: str):
+    """Every schema of type `type_` ("integer", "string") inside `node` (through anyOf/oneOf/allOf and array items)."""
     if isinstance(node, dict):
-        if node.get("type") == "integer":
+        if node.get("type") == type_:
             yield node
         for key in ("anyOf", "oneOf", "allOf"):
             for sub in node.get(key, []):
-                yield from _integer_nodes(sub)
+                yield from _typed_nodes(sub, type_)
         if "items" in node:
-            yield from _integer_nodes(node["items"])
-
-
-def _string_nodes(node: Any):
-    if isinstance(node, dict):
-        if node.get("type") == "string":
-            yield node
-        for key in ("anyOf", "oneOf", "allOf"):
-            for sub in node.get(key, []):
-                yield from _string_nodes(sub)
-        if "items" in node:
-            yield from _string_nodes(node["items"])
+            yield from _typed_nodes(node["items"], type_)
 
 
 def _cap(schema: dict, field: str, maximum: int | None = None, minimum: int | None = None) -> None:
     prop = schema["properties"].get(field)
     if prop is None:
         return
-    for node in _integer_nodes(prop):
+    for node in _typed_nodes(prop, "integer"):
         if maximum is not None:
             node["maximum"] = min(node.get("maximum", maximum), maximum)
         if minimum is not None:
@@ -93,7 +82,7 @@ def _bounded_request(components: dict, model, *, max_n: int, max_tokens: int, vo
         for field in ("logprobs", "top_logprobs"):
             _cap(schema, field, max_logprobs)
     for field in ("prompt", "stop"):  # empty prompts and stop strings are refused
-        for node in _string_nodes(schema["properties"].get(field)):
+        for node in _typed_nodes(schema["properties"].get(field), "string"):
             node["minLength"] = 1
     bias = schema["properties"].get("logit_bias")
     if bias is not None:  # keys are token ids

@@ -1,12 +1,12 @@
 """Pydantic models of the OpenAI API subset that lckv-serve speaks (requests and responses).
 
 Requests validate everything that can be checked without the model (types, ranges, empty prompts); what needs the
-model (context length, vocabulary, the engine's logprob limit) is checked in `serving.py`.  Unknown fields are
+model (context length, vocabulary, the engine's logprob limit) is checked in `generation.py`.  Unknown fields are
 ignored, as OpenAI-compatible servers commonly do, so clients that send newer fields keep working; fields we cannot
 honour (`suffix`, `tools`, ...) are declared so that asking for them is an error rather than being silently dropped.
 `response_format` is checked here as far as it can be without the engine (its shape, and that a `json_schema`'s
 schema is a valid JSON Schema); whether the structured-output backend can compile the schema is asked of the engine
-in `serving.py`.
+in `generation.py`.
 
 Requests are validated strictly, from the JSON text (`model_validate_json`): a field declared as an integer takes a
 JSON integer only (not `true`, `2.5` or `"2"`), a boolean only `true`/`false`, a string only a string.  What the

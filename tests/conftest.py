@@ -4,18 +4,16 @@ configuration, shared by every test that needs it; in-process mode starts in ~2 
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import random
 from pathlib import Path
 
 import pytest
 
-from lckv_vllm.tools.checkpoint import make_preset
-from lckv_vllm.tools.harness import model_of, offline_engine
+from lckv_vllm.tools.harness import model_of, offline_engine, script_env
+
+script_env()  # in-process engines (model_of() reaches the model), quiet logs: before vLLM loads
+
+from lckv_vllm.tools.checkpoint import make_preset  # noqa: E402
 
 __all__ = ["model_of"]  # the tests and *_run.py scripts import it from here
 
@@ -41,6 +39,19 @@ def model_dir(tmp_path_factory):
         return built[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def model_path(model_dir):
+    """The checkpoint the server tests serve (tiny-w2: a cyclic plan)."""
+    return model_dir("tiny-w2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path):
+    from server_utils import load_tokenizer
+
+    return load_tokenizer(model_path)
 
 
 @pytest.fixture(scope="session")

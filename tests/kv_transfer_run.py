@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 import time
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from lckv_vllm.tools.harness import script_env  # noqa: E402 - before vLLM loads
+
+script_env()
 
 
 def run_job(job: dict) -> dict:
@@ -53,7 +53,6 @@ def run_job(job: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     with open(sys.argv[1]) as f:
         jobs = json.load(f)
     print(json.dumps([run_job(job) for job in jobs]))

@@ -14,16 +14,16 @@ import os
 import sys
 import time
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from lckv_vllm.tools.harness import script_env  # noqa: E402 - before vLLM loads
+
+script_env()
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from conftest import generate, random_prompt
 
     from lckv_vllm.tools.checkpoint import make_preset
-    from lckv_vllm.reference import ReferenceModel
+    from lckv_vllm.reference_model import ReferenceModel
 
     ap = argparse.ArgumentParser()
     ap.add_argument("preset")

@@ -1,19 +1,44 @@
 """Helpers for the HTTP server tests: start a server subprocess on a free loopback port and wait for it (through
-lckv_vllm.tools.harness, as the benchmarks and load tests do), read its /metrics, stop it with SIGTERM."""
+lckv_vllm.tools.harness, as the benchmarks and load tests do), read its /metrics, stop it with SIGTERM; load a
+checkpoint's tokenizer; a stand-in engine for in-process checks."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 from lckv_vllm.tools.harness import BIN, Server, free_port, parse_metrics, server_env
 from lckv_vllm.tools.harness import start_server as _start
 
-__all__ = ["BIN", "Server", "StubEngine", "free_port", "parse_metrics", "server_env", "start_server"]
+__all__ = ["BIN", "Server", "StubEngine", "free_port", "lckv_serve", "load_tokenizer", "parse_metrics", "server_env",
+           "start_server"]
 
 
 def start_server(cmd: list[str], log: Path, env: dict, port: int, timeout: float = 240) -> Server:
     """The server of `cmd` (listening on 127.0.0.1:`port`), ready; on failure the error carries its log tail."""
     return _start(cmd, log, f"http://127.0.0.1:{port}", env, timeout=timeout, poll=0.5, tail=60)
+
+
+def lckv_serve(model_path: Path, log: Path, served_name: str, args: list[str], env: dict) -> Iterator[Server]:
+    """A module's lckv-serve subprocess, for its fixture to `yield from`: `model_path` served as `served_name` on a
+    free loopback port with `args` (lckv-serve's own flags and vLLM's engine arguments); stopped (SIGTERM, then
+    what is left of its process group killed) when the fixture is torn down."""
+    port = free_port()
+    cmd = [str(BIN / "lckv-serve"), str(model_path), "--port", str(port), "--served-model-name", served_name, *args]
+    srv = start_server(cmd, log, env, port)
+    yield srv
+    srv.stop()
+    srv.kill_group()
+
+
+def load_tokenizer(model_path: Path):
+    """The checkpoint's tokenizer (the plugin is registered first: it teaches AutoConfig the "lckv-llama" type)."""
+    import lckv_vllm
+
+    lckv_vllm.register()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path))
 
 
 class StubEngine:

@@ -16,13 +16,13 @@ import json
 import os
 import sys
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from lckv_vllm.tools.harness import script_env  # noqa: E402 - before vLLM loads
+
+script_env()
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from conftest import BLOCK_SIZE, MAX_MODEL_LEN, generate, model_of
 
     from vllm import LLM

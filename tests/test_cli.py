@@ -24,7 +24,7 @@ def test_plan_string_and_dir(model_dir):
 
 
 def test_plan_dir_lists_the_deploy_patterns(model_dir):
-    """Keep every k-th layer, k = 1..4: an identity checkpoint can be served with each (issue 29)."""
+    """Keep every k-th layer, k = 1..4: an identity checkpoint can be served with each."""
     r = run("plan", str(model_dir("tiny-identity")))
     assert r.returncode == 0, r.stderr
     listed = r.stdout.split("deploy-time patterns", 1)[1]
@@ -156,8 +156,8 @@ def test_train_command_end_to_end(model_dir, tmp_path):
     assert report["completed_steps"] == 2 and report["train_tokens"] > report["held_out_tokens"] > 0
 
 
-def test_demo_serves_the_committed_examples():
-    """`make demo`'s models are the checkpoints committed under examples/ (a moved module once pointed it elsewhere)."""
+def test_demo_points_at_the_committed_example_checkpoints():
+    """`make demo`'s model paths are checkpoints committed under examples/ (config and weights present)."""
     from lckv_vllm.tools.demo import EXAMPLES
 
     for _, path in EXAMPLES:

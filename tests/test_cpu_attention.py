@@ -1,5 +1,5 @@
 """The `cpu` attention path (vLLM's C++ kernels made strict, lckv_vllm/engine/attention/cpu_path.py) against the float64
-reference of the semantics (kernels/reference.py), which shares no code with it.
+reference of the semantics (kernels/torch_reference.py), which shares no code with it.
 
 Every case writes K/V through the path's own write op (the pages are in the kernels' private format), poisons the
 output with NaN, and checks every row: strict and inclusive masks, sliding windows (a strict window of 1 shows no
@@ -15,7 +15,7 @@ import torch
 
 from lckv_vllm.engine.attention import cpu_path as cpu
 from lckv_vllm.engine.attention.step import make_step
-from lckv_vllm.kernels.reference import paged_attention_ref, write_kv_ref
+from lckv_vllm.kernels.torch_reference import paged_attention_ref, write_kv_ref
 
 pytestmark = pytest.mark.skipif(cpu.unsupported_reason(32) is not None, reason="needs vLLM's CPU build")
 PATH = cpu.CpuPath()
@@ -112,7 +112,7 @@ def test_unsupported_shapes_are_named():
 
 
 @pytest.mark.parametrize("seed", range(FUZZ_CASES))
-def test_random_batches(seed):
+def test_random_batches_match_reference(seed):
     """Seeded random batches: sequence count, context and query lengths, GQA shape, block size, mask and window."""
     import random
 
@@ -146,7 +146,7 @@ def test_write_skips_padding_slots():
     assert torch.equal(before, pages.kv_cache)
 
 
-def test_path_selection(monkeypatch):
+def test_auto_falls_back_and_forced_path_refuses_unsupported_shapes(monkeypatch):
     from lckv_vllm.engine.attention.chooser import select_path
     from lckv_vllm.settings import ATTENTION_IMPL_ENV, load_settings
 

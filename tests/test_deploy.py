@@ -9,7 +9,7 @@ import torch
 
 from lckv_vllm.tools import deploy
 from lckv_vllm.tools.checkpoint import export_llama
-from lckv_vllm.reference import ReferenceModel
+from lckv_vllm.reference_model import ReferenceModel
 
 TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York, and all the clouds that "
         "lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious "

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import BLOCK_SIZE, generate, generate_staggered, model_of, random_prompt
 from lckv_vllm.tools.checkpoint import export_llama
-from lckv_vllm.reference import ReferenceModel
+from lckv_vllm.reference_model import ReferenceModel
 
 CONFIGS = ["tiny-w2", "tiny-w10", "tiny-sandwich", "tiny-cla", "tiny-yoco", "tiny-identity", "tiny-lasagna"]
 LENGTHS = (1, 5, 9, 30, 70)  # m+b = 9
@@ -237,7 +237,7 @@ def test_bad_checkpoint_fails_at_load_with_a_clear_message(model_dir, tmp_path, 
     assert message in text, text[:2000]
 
 
-def test_tied_embeddings(engine, tmp_path):
+def test_tied_embeddings_checkpoint_matches_reference(engine, tmp_path):
     from lckv_vllm.tools.checkpoint import make_preset
 
     path = make_preset("tiny-w2", tmp_path / "tied", tie_word_embeddings=True, seed=7)

@@ -22,7 +22,7 @@ import torch
 
 from conftest import TRAINED_W2, ROOT, generate, model_of, text_prompts
 from lckv_vllm.engine.attention.page_dtype import PageDtype
-from lckv_vllm.reference import ReferenceModel, fp8_round_trip
+from lckv_vllm.reference_model import ReferenceModel, fp8_round_trip
 
 IDENTITY = ROOT / "examples" / "shakespeare-identity"
 LENGTHS = (1, 5, 9, 30, 70)  # m+b = 9 for w2

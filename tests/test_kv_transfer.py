@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BLOCK_SIZE, generate, random_prompt
-from lckv_vllm.reference import ReferenceModel
+from conftest import BLOCK_SIZE, random_prompt
+from lckv_vllm.reference_model import ReferenceModel
 
 # transferred: the whole blocks before the last prompt token (32, 48, 64 tokens); 65 = 1 (mod 16) is the length
 # ExampleConnector stores under one key and looks up under another (the plugin's connector looks up what it stored)

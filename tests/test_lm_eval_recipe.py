@@ -205,7 +205,7 @@ def test_exact_scores_match_the_reference(tok, text, results):
     ~50x slower on 2 threads when the cores are busy."""
     import torch
 
-    from lckv_vllm.reference import ReferenceModel
+    from lckv_vllm.reference_model import ReferenceModel
 
     reqs = R.lm_eval_requests(tok, R.ppl_docs(text), R.word_order_docs(text))
     got = R.flat(results["results"]["shakespeare-lckv-w2"]["exact"]["lckv-serve"]["per_doc"])

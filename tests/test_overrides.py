@@ -4,7 +4,7 @@ KV pages, weights and the served computation follow the active plan."""
 import pytest
 
 from conftest import BLOCK_SIZE, generate, model_of, random_prompt
-from lckv_vllm.reference import ReferenceModel
+from lckv_vllm.reference_model import ReferenceModel
 
 LENGTHS = (1, 7, 30)
 

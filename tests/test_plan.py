@@ -32,7 +32,7 @@ def test_w10_force_nodiag_makes_every_layer_strict():
     assert pattern("w10", 22) == s
 
 
-def test_sandwich_middle():
+def test_sandwich_plan_has_one_cyclic_middle_segment():
     s = "0_" + "_".join(["10"] * 20) + "_21"
     p = LayerPlan.parse(s, 22)
     assert segs(p) == [(0, 1, False), (1, 11, True), (11, 22, False)]

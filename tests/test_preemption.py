@@ -12,7 +12,7 @@ of the reference.  The same engines also check the scheduler really preempted.
 import pytest
 
 from conftest import BLOCK_SIZE, TRAINED_W2, generate, random_prompt, text_prompts
-from lckv_vllm.reference import ReferenceModel
+from lckv_vllm.reference_model import ReferenceModel
 
 N_REQ, PROMPT, GEN = 8, 24, 40
 KV_TOKENS = 16 * BLOCK_SIZE  # 256 tokens for a batch that needs 8 * 64 = 512: preemption is certain

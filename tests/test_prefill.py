@@ -20,7 +20,7 @@ import torch
 
 from conftest import TRAINED_W2, generate, generate_staggered, model_of, random_prompt, text_prompts
 from lckv_vllm.engine.prefill import row_change
-from lckv_vllm.reference import ReferenceModel
+from lckv_vllm.reference_model import ReferenceModel
 from lckv_vllm.settings import DEFAULT_PREFILL_TOL, load_settings
 
 BOUND = 4.0

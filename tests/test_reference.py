@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import random_prompt
-from lckv_vllm.reference import ReferenceModel
+from lckv_vllm.reference_model import ReferenceModel
 
 PRESETS = ["tiny-w2", "tiny-w10", "tiny-sandwich", "tiny-cla", "tiny-yoco", "tiny-identity", "tiny-lasagna"]
 

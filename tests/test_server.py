@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from server_utils import BIN, StubEngine, free_port, parse_metrics, server_env, start_server
+from server_utils import BIN, StubEngine, free_port, lckv_serve, parse_metrics, server_env, start_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,37 +34,17 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 
 
 @pytest.fixture(scope="module")
-def model_path(model_dir):
-    return model_dir("tiny-w2")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    import lckv_vllm
-
-    lckv_vllm.register()  # teaches AutoConfig the "lckv-llama" model type
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_path))
-
-
-@pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("lckv-serve") / "server.log"
-    cmd = [str(BIN / "lckv-serve"), str(model_path), "--port", str(port), "--served-model-name", MODEL,
-           "--max-model-len", str(MAX_MODEL_LEN), "--max-queued-requests", str(MAX_QUEUED),
-           "--max-body-bytes", str(MAX_BODY),
-           # vLLM engine arguments, passed through
-           "--dtype", "float32", "--enforce-eager", "--max-num-seqs", str(MAX_NUM_SEQS), "--kv-cache-memory-bytes", str(64 << 20),
-           "--block-size", "16",
-           # only structured requests read it: compact JSON (else a small model pads with whitespace until max_tokens)
-           "--structured-outputs-config", json.dumps(STRUCTURED_CONFIG)]
+    args = ["--max-model-len", str(MAX_MODEL_LEN), "--max-queued-requests", str(MAX_QUEUED),
+            "--max-body-bytes", str(MAX_BODY),
+            # vLLM engine arguments, passed through
+            "--dtype", "float32", "--enforce-eager", "--max-num-seqs", str(MAX_NUM_SEQS),
+            "--kv-cache-memory-bytes", str(64 << 20), "--block-size", "16",
+            # only structured requests read it: compact JSON (else a small model pads with whitespace until max_tokens)
+            "--structured-outputs-config", json.dumps(STRUCTURED_CONFIG)]
     # the key comes from the environment here (the --api-key flag is the other way)
-    srv = start_server(cmd, log, server_env(LCKV_API_KEY=API_KEY), port)
-    yield srv
-    srv.stop()
-    srv.kill_group()
+    yield from lckv_serve(model_path, log, MODEL, args, server_env(LCKV_API_KEY=API_KEY))
 
 
 @pytest.fixture(scope="module")
@@ -529,8 +509,8 @@ def test_disconnect_mid_stream_aborts_engine_request(http, server):
 def test_disconnect_while_waiting_for_plain_response_aborts(http, server):
     body = {"model": MODEL, "prompt": "Another long one", "max_tokens": 480, "ignore_eos": True}
     # give up long before 480 tokens can be ready (>= 1 ms each here): the client is gone while the request runs.
-    # On a loaded machine this client can be descheduled for longer than the whole generation (CI once got the
-    # full response): then it tries again, and it must give up at least once in three tries.
+    # On a loaded machine this client can be descheduled for longer than the whole generation (it then gets the
+    # full response): so it tries again, and it must give up at least once in three tries.
     for _ in range(3):
         try:
             httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},

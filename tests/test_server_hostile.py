@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_utils import BIN, StubEngine, free_port, parse_metrics, server_env, start_server
+from server_utils import StubEngine, lckv_serve, parse_metrics, server_env
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,34 +45,14 @@ def _load(name: str):
 
 
 @pytest.fixture(scope="module")
-def model_path(model_dir):
-    return model_dir("tiny-w2")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_path):
-    import lckv_vllm
-
-    lckv_vllm.register()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_path))
-
-
-@pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("lckv-serve-hostile") / "server.log"
-    cmd = [str(BIN / "lckv-serve"), str(model_path), "--port", str(port), "--served-model-name", MODEL,
-           "--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes", str(MAX_BODY), "--max-n", str(MAX_N),
-           "--max-tokens-limit", str(MAX_TOKENS), "--engine-death-grace", "5",
-           "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(64 << 20),
-           "--block-size", "16"]
+    args = ["--max-model-len", str(MAX_MODEL_LEN), "--max-body-bytes", str(MAX_BODY), "--max-n", str(MAX_N),
+            "--max-tokens-limit", str(MAX_TOKENS), "--engine-death-grace", "5",
+            "--dtype", "float32", "--enforce-eager", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(64 << 20),
+            "--block-size", "16"]
     env = server_env(LCKV_API_KEY=API_KEY, LCKV_SERVE_FAULT_TOKENS=",".join(map(str, FAULT)))
-    srv = start_server(cmd, log, env, port)
-    yield srv
-    srv.stop()
-    srv.kill_group()
+    yield from lckv_serve(model_path, log, MODEL, args, env)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_prompt
-from lckv_vllm.reference import ReferenceModel
+from lckv_vllm.reference_model import ReferenceModel
 from lckv_vllm.tools.train import TrainableLCKV, cosine_lr, sample_routing, train_step
 
 
@@ -53,7 +53,7 @@ def test_a_few_steps_lower_the_loss(model_dir, preset):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_cosine_schedule():
+def test_cosine_schedule_warms_up_then_decays_to_floor():
     assert cosine_lr(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert cosine_lr(9, 100, 10, 1.0) == pytest.approx(1.0)
     assert cosine_lr(100, 100, 10, 1.0) == pytest.approx(0.1)

@@ -3,7 +3,7 @@ that fall out of the window are freed; the others keep full pages.  Plans mixing
 groups (vLLM's hybrid KV cache manager), one step object per group.
 
 Oracles: the float64 reference (greedy tokens, |dlogprob| < 1e-3) and the same engine with full pages for every
-producer (`LCKV_WINDOWED_PAGES=0`, the layout before this feature); the blocks a streaming sequence holds in each
+producer (`LCKV_WINDOWED_PAGES=0`); the blocks a streaming sequence holds in each
 sliding-window group are read from vLLM's KV cache manager after every step.
 """
 
@@ -15,7 +15,7 @@ import pytest
 
 from conftest import BLOCK_SIZE, generate, random_prompt, stream_watching_blocks
 from lckv_vllm.plan import LayerPlan
-from lckv_vllm.reference import ReferenceModel
+from lckv_vllm.reference_model import ReferenceModel
 from lckv_vllm.tools.checkpoint import make_preset
 
 WINDOW = 8

@@ -206,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             if k not in explicit:
                 setattr(args, k, v)
     # in-process engines (the runner reads the scheduler), quiet logs, before vLLM is imported
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from lckv_vllm.tools.harness import script_env
+
+    script_env(force_in_process=True)
 
     plans = _names(args.plans, PLANS, "--plans")
     if "identity" not in plans:
@@ -556,7 +556,7 @@ def _served(paths: dict, models: list[str], workloads: list[Workload], target: d
 
 
 def _targets(report: dict, target: dict, budgets: list[dict]) -> dict:
-    """The issue's targets, reported (not asserted)."""
+    """The throughput and latency targets of the benchmark (docs/performance.md), reported (not asserted)."""
     values, goals = {}, {}
     off = report.get("offline", {}).get("paper")
     llama_fits = None

@@ -25,6 +25,8 @@ from locust import HttpUser, events, task
 from locust.exception import StopUser
 from requests.adapters import HTTPAdapter
 
+from lckv_vllm.tools.harness import sse_events
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SPEC = json.loads(open(os.environ["LCKV_BENCH_LOAD"]).read()) if os.environ.get("LCKV_BENCH_LOAD") else None
 
@@ -72,13 +74,7 @@ class FixedRateUser(HttpUser):
                 r.failure(f"HTTP {r.status_code}")
                 failures.append(f"HTTP {r.status_code}: {r.text[:200]}")
                 return
-            for line in r.iter_lines():
-                if not line or not line.startswith(b"data: "):
-                    continue
-                data = line[6:]
-                if data == b"[DONE]":
-                    break
-                event = json.loads(data)
+            for event in sse_events(r.iter_lines()):
                 if event.get("choices"):  # one chunk per engine step that gave this request tokens
                     tokens.append(time.perf_counter())
                 if event.get("usage"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lckv_vllm.tools.harness import pyplot, save_figure
+
 from .metrics import LATENCY_FIELDS, median, ratio
 
 # Fields every engine result carries (offline and served), besides its per-round values and ratios.
@@ -167,12 +169,16 @@ def _engine_names(wres: dict) -> list[str]:
     return list(dict.fromkeys(n for p in wres["points"] for n in p["engines"]))
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plots(rep: dict, out: Path, prefix: str = "bench") -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     off = rep.get("offline", {})
     if off:
@@ -183,15 +189,9 @@ def plots(rep: dict, out: Path, prefix: str = "bench") -> list[Path]:
                              for p in wres["points"] if name in p["engines"])
                 ax.plot([a for a, _ in pts], [b for _, b in pts], "o-" if name != "ceiling" else "s",
                         color=COLORS.get(name), label=ENGINE_LABELS.get(name, name))
-            ax.set_xlabel("batch size (mean requests per engine step; one point per KV budget)")
-            ax.set_ylabel("output tokens/s")
-            ax.set_title(f"{wname}: throughput vs batch size")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / f"{prefix}_batch.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+            _label(ax, "batch size (mean requests per engine step; one point per KV budget)", "output tokens/s",
+                   f"{wname}: throughput vs batch size")
+        written.append(save_figure(fig, out / f"{prefix}_batch.png", dpi=100))
 
         fig, axes = plt.subplots(1, len(off), figsize=(6.5 * len(off), 4.5), squeeze=False)
         for ax, (wname, wres) in zip(axes[0], off.items()):
@@ -207,15 +207,8 @@ def plots(rep: dict, out: Path, prefix: str = "bench") -> list[Path]:
             if ceil:
                 ax.axhline(median(ceil), color=COLORS["ceiling"], ls="--", label=ENGINE_LABELS["ceiling"])
             ax.set_xscale("log")
-            ax.set_xlabel("KV budget (MiB)")
-            ax.set_ylabel("output tokens/s")
-            ax.set_title(f"{wname}: throughput vs KV budget")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / f"{prefix}_budget.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+            _label(ax, "KV budget (MiB)", "output tokens/s", f"{wname}: throughput vs KV budget")
+        written.append(save_figure(fig, out / f"{prefix}_budget.png", dpi=100))
 
     pf = rep.get("prefill")
     if pf:
@@ -229,15 +222,8 @@ def plots(rep: dict, out: Path, prefix: str = "bench") -> list[Path]:
             ax.plot(lens, [r["analytic_ratio"].get(str(n)) for n in lens], ":", color=COLORS.get(name),
                     label=f"{ENGINE_LABELS.get(name, name)} analytic")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("prompt tokens")
-        ax.set_ylabel("TTFT / identity TTFT")
-        ax.set_title("prefill cost against identity")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / f"{prefix}_prefill.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        _label(ax, "prompt tokens", "TTFT / identity TTFT", "prefill cost against identity")
+        written.append(save_figure(fig, out / f"{prefix}_prefill.png", dpi=100))
 
     sv = rep.get("served")
     if sv:
@@ -254,8 +240,5 @@ def plots(rep: dict, out: Path, prefix: str = "bench") -> list[Path]:
             axes[1][col].set_ylabel("mean TPOT (ms)")
             for ax in axes[:, col]:
                 ax.tick_params(axis="x", labelsize=7, rotation=15)
-        fig.tight_layout()
-        written.append(out / f"{prefix}_served.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        written.append(save_figure(fig, out / f"{prefix}_served.png", dpi=100))
     return written

@@ -13,7 +13,7 @@ a column; every cell says what the feature does on that kind of plan:
 `check(vllm_config, plan, settings)` runs in the config hook (`engine/startup.py`), before any weight is read, and
 raises one `FeatureError` naming every refused switch, the plan and what to do instead.  Features chosen per
 request (beam search, n, logprobs, structured outputs) cannot be refused at start-up; their rows say what they mean
-and have no detector.  `markdown()` renders the matrix (`lckv-vllm features`); docs/features.md holds that table (a
+and have no detector.  `tools/feature_table.py` renders the matrix (`lckv-vllm features`); docs/features.md holds that table (a
 test keeps them equal).
 """
 
@@ -284,7 +284,7 @@ FEATURES: tuple[Feature, ...] = (
         _all("exact", "", cyclic=Cell("bound", "a cached prefix is read as final and the rest encoded on top of it "
                                                "(chunk-by-chunk semantics); LCKV_CHUNKED_PREFILL=0 turns it off"),
              streaming=Cell("bound", "turned off at start-up (a hit would need the sink pages too)")),
-        tests="tests/test_prefill.py, tests/test_streaming.py"),
+        tests="tests/test_prefill.py, tests/test_streaming_llm.py"),
     Feature(
         "chunked-prefill", "chunked prefill (`--enable-chunked-prefill`, on by default)",
         _all("exact", "", cyclic=Cell("bound", "each chunk is encoded iteratively on top of the earlier, final "
@@ -393,27 +393,3 @@ def check(vllm_config, plan: LayerPlan, settings: Settings, log=None) -> None:
             f"LCKV plan {plan.layer_types} ({'/'.join(kinds)}) does not support "
             f"{'this vLLM feature' if len(refused) == 1 else 'these vLLM features'} (docs/features.md):\n  - "
             + "\n  - ".join(refused))
-
-
-_MARK = {"exact": "works", "bound": "works, bound", "untested": "untested (refused)", "refused": "**refused**"}
-
-
-def markdown() -> str:
-    """The matrix as markdown: the table, its numbered notes, and per feature what to do instead and where the suite
-    covers it (docs/features.md holds it verbatim; a test keeps them equal)."""
-    lines = ["| feature | " + " | ".join(KIND_TITLES[k] for k in PLAN_KINDS) + " |",
-             "| --- |" + " --- |" * len(PLAN_KINDS)]
-    notes: dict[str, int] = {}
-    for f in FEATURES:
-        row = []
-        for k in PLAN_KINDS:
-            c = f.cell(k)
-            row.append(_MARK[c.status] + (f" [{notes.setdefault(c.note, len(notes) + 1)}]" if c.note else ""))
-        lines.append(f"| {f.title} | " + " | ".join(row) + " |")
-    lines += ["", "Notes:", ""] + [f"{n}. {note}" for note, n in notes.items()]
-    lines += ["", "| key (`LCKV_ALLOW_UNTESTED`) | checked at start-up | when refused, instead | covered by |",
-              "| --- | --- | --- | --- |"]
-    for f in FEATURES:
-        lines.append(f"| `{f.key}` | {'yes' if f.detect else 'no (per request)'} | {f.instead or '-'} | "
-                     f"{f.tests or '-'} |")
-    return "\n".join(lines) + "\n"

@@ -53,7 +53,7 @@ from .prefill import IterativePrefill
 from .segments import build_segments
 from .startup import pp_layer_partition
 from ..settings import Settings, load_settings
-from ..streaming import rope_theta
+from ..rope import rope_theta
 
 logger = logging.getLogger("lckv_vllm")
 

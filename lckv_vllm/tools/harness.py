@@ -228,6 +228,17 @@ def post_json(url: str, body: dict, api_key: str | None = None, timeout: float =
         return json.loads(r.read())
 
 
+def sse_events(lines):
+    """The JSON events of an OpenAI server-sent-event stream, given its lines as bytes (`response.iter_lines()`), up
+    to `data: [DONE]`; keep-alive and other non-data lines are skipped."""
+    for line in lines:
+        if not line or not line.startswith(b"data: "):
+            continue
+        if line[6:] == b"[DONE]":
+            return
+        yield json.loads(line[6:])
+
+
 # ---- an in-process engine -------------------------------------------------------------------------------------------
 
 
@@ -271,6 +282,26 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
     root = str(ROOT) + "/"
     args = [a.replace(root, "") for a in (sys.argv[1:] if argv is None else argv)]
     return " ".join(["python -m", module, *args])
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: scripts draw their PNGs without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path | str, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure (a script that draws several must not keep them all open)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
 
 
 def write_results(path: Path | str, report: dict, *, indent: int | None = 2, markdown: str | None = None) -> Path:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..plan import LayerPlan, plan_from_config
+from ..rope import inv_freq, rope_theta
 
 
 class TrainableLCKV(nn.Module):
@@ -48,10 +49,7 @@ class TrainableLCKV(nn.Module):
         self.nkv = getattr(c, "num_key_value_heads", None) or self.nh
         self.hd = getattr(c, "head_dim", None) or c.hidden_size // self.nh
         self.eps = c.rms_norm_eps
-        rp = getattr(c, "rope_parameters", None) or {}
-        theta = rp.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-        self.register_buffer("inv_freq", 1.0 / (theta ** (torch.arange(0, self.hd, 2).float() / self.hd)),
-                             persistent=False)
+        self.register_buffer("inv_freq", inv_freq(rope_theta(c), self.hd, torch.float32), persistent=False)
 
     def p(self, name: str) -> torch.Tensor:
         if name == "lm_head.weight" and "lm_head/weight" not in self.w:

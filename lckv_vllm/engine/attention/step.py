@@ -53,7 +53,7 @@ class LCKVStep:
     prompt_lens: object = None
     # per-step caches of the attention paths (see each path for its content)
     torch_index: object = None
-    stream_index: object = None  # StreamingLLM reads (streaming.py)
+    stream_index: object = None  # StreamingLLM reads (streaming_read.py)
     cpu_state: object = None
     gathered: object = None  # torch path: (pages data_ptr, kv_version, gathered copy)
     later_passes: dict | None = None  # pass k -> (rows, sub-step) of the rows that pass k must recompute

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lckv_vllm.streaming import Streaming
+from lckv_vllm.rope import inv_freq
+from lckv_vllm.streaming_spec import Streaming
 from .base import slot_view
 from .page_dtype import AUTO, PageDtype
 from .step import LCKVStep
@@ -43,7 +44,7 @@ class StreamingRead:
         self.s = streaming
         self.head_dim = head_dim
         self.theta = rope_theta
-        self.inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        self.inv_freq = inv_freq(rope_theta, head_dim)
 
     def gather_attend(self, q, kv_cache, step: LCKVStep, *, scale: float, strict: bool, out: torch.Tensor,
                       page_dtype: PageDtype = AUTO, scales=(1.0, 1.0)) -> torch.Tensor:

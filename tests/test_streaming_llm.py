@@ -16,8 +16,8 @@ import pytest
 
 from conftest import BLOCK_SIZE, generate, random_prompt, stream_watching_blocks
 from lckv_vllm.plan import LayerPlan, LayerPlanError, plan_from_config
-from lckv_vllm.reference import ReferenceModel
-from lckv_vllm.streaming import Streaming, StreamingError, parse
+from lckv_vllm.reference_model import ReferenceModel
+from lckv_vllm.streaming_spec import Streaming, StreamingError, parse
 from lckv_vllm.tools.checkpoint import make_preset
 
 SINKS, WINDOW = 4, 20  # neither a multiple of the block size (16): sinks and window share blocks with the gap

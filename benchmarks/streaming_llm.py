@@ -16,7 +16,7 @@ All through vLLM in this process (fp32, eager, CPU, the plugin's defaults otherw
    attention both on the torch path (the one streaming reads through: the like-for-like contrast) and on the default
    path (vLLM's C++ CPU kernels).
 
-    .venv/bin/python -m benchmarks.streaming [--stream 16384] [--gen 8192]  -> benchmarks/results/streaming.{json,png}
+    .venv/bin/python -m benchmarks.streaming_llm [--stream 16384] [--gen 8192]  -> benchmarks/results/streaming_llm.{json,png}
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import math
 import time
 from pathlib import Path
 
-from lckv_vllm.tools.harness import command_line, model_of, script_env, write_results
+from lckv_vllm.tools.harness import command_line, model_of, pyplot, save_figure, script_env, write_results
 
 script_env(force_in_process=True)
 
@@ -147,10 +147,7 @@ def generation(path: Path, streaming: bool, args, impl: str | None = None) -> di
 
 
 def plot(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for name, r in result["models"].items():
@@ -174,8 +171,7 @@ def plot(result: dict, out: Path) -> None:
         ax.legend(fontsize=6)
     fig.suptitle(f"StreamingLLM mode: {SINKS} sinks + window {WINDOW}, trained 6-layer Shakespeare models, fp32, "
                  f"2-core CPU; full attention stops at the {CONTEXT_LIMIT}-token context limit", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_figure(fig, out, dpi=110)
 
 
 def main() -> int:
@@ -192,7 +188,7 @@ def main() -> int:
 
     register()
     _, held = corpus()
-    result = {"command": command_line("benchmarks.streaming"), "machine": machine(),
+    result = {"command": command_line("benchmarks.streaming_llm"), "machine": machine(),
               "args": vars(args), "sink_tokens": SINKS, "window": WINDOW, "block_size": BLOCK,
               "bound_blocks_per_group": math.ceil(SINKS / BLOCK) + math.ceil(WINDOW / BLOCK) + 1, "models": {}}
     for name, path in MODELS.items():
@@ -203,8 +199,8 @@ def main() -> int:
         for g in result["models"][name]["generation"]:
             print(f"  {'streaming' if g['streaming'] else 'full'} ({g['attention_path']}): {g['generated']} tokens, max blocks "
                   f"{g['max_blocks_held']}, ms/token per 1k {[p['median_ms'] for p in g['per_1k']]}", flush=True)
-    write_results(RESULTS / "streaming.json", result, indent=2)
-    plot(result, RESULTS / "streaming.png")
+    write_results(RESULTS / "streaming_llm.json", result, indent=2)
+    plot(result, RESULTS / "streaming_llm.png")
     return 0
 
 

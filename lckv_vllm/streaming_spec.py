@@ -95,12 +95,6 @@ def check_rope(config) -> None:
         raise StreamingError(f"{FIELD}: needs RoPE over the whole head, but partial_rotary_factor is {partial!r}")
 
 
-def rope_theta(config) -> float:
-    rp = getattr(config, "rope_parameters", None) or {}
-    return float(rp.get("rope_theta", getattr(config, "rope_theta", 10000.0)) if isinstance(rp, dict)
-                 else getattr(config, "rope_theta", 10000.0))
-
-
 def streaming_from_config(config) -> Streaming | None:
     raw = getattr(config, FIELD, None)
     if raw is None:

@@ -13,7 +13,7 @@ paging, no batching and no vLLM import, in float64 by default:
 * `generate(prompt, n)`: whole-prompt (or chunked) iterative prefill with up to m+b adaptive passes, then one
   token per step: greedy tokens and their log-probabilities, i.e. what the server must produce.
 
-With `lckv_streaming` in the config (StreamingLLM mode, `lckv_vllm/streaming.py`) the cache keeps keys without
+With `lckv_streaming` in the config (StreamingLLM mode, `lckv_vllm/streaming_spec.py`) the cache keeps keys without
 rotary embedding and every read applies the sink + window visibility and the pos-shift rotation per query.
 
 `kv_cache_dtype="fp8"` / `"fp8_e4m3"` / `"fp8_e5m2"` (docs/semantics.md, "fp8 pages"): the cache holds what an fp8
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .plan import LayerPlan, plan_from_config
+from .rope import inv_freq, rope_theta
 from .settings import DEFAULT_PREFILL_BLOCK, DEFAULT_PREFILL_TOL
 
 
@@ -127,9 +128,7 @@ class ReferenceModel:
         self.eps = c.rms_norm_eps
         if getattr(c, "tie_word_embeddings", False) or "lm_head.weight" not in self.w:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
-        rp = getattr(c, "rope_parameters", None) or {}
-        theta = rp.get("rope_theta", getattr(c, "rope_theta", 10000.0))
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, dtype=torch.float64) / self.hd))
+        self.inv_freq = inv_freq(rope_theta(c), self.hd)
         self.streaming = self.plan.streaming
 
     # ---- building blocks --------------------------------------------------------------------------------------
