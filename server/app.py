@@ -219,13 +219,15 @@ def create_app(fe: EngineFrontend, *, api_key: str | None = None, max_body_bytes
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _card(name: str) -> ModelCard:
-        return ModelCard(id=name, created=fe.created, root=fe.model_path, max_model_len=fe.max_model_len,
+        lora = fe.lora_for(name)
+        return ModelCard(id=name, created=fe.created, root=lora.lora_path if lora else fe.model_path,
+                         parent=fe.model_name if lora else None, max_model_len=fe.max_model_len,
                          layer_types=fe.kv.layer_types, checkpoint_layer_types=fe.kv.checkpoint_layer_types,
                          kv_bytes_per_token=fe.kv.bytes_per_token)
 
     @app.get("/v1/models")
     async def models():
-        cards = [_card(name) for name in fe.served_model_names]
+        cards = [_card(name) for name in fe.model_names]
         return ModelList(data=cards).model_dump()
 
     @app.get("/v1/models/{model_id:path}")

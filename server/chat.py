@@ -65,7 +65,7 @@ async def create_chat_completion(fe: EngineFrontend, metrics: ServerMetrics, req
     params = sampling_params(fe, req, max_tokens=max_tokens, logprobs=top_n if req.logprobs else None,
                              prompt_logprobs=None)
     await check_response_format(fe, req, params)
-    jobs = [Job(f"{base_id}-0", ids, text)]
+    jobs = [Job(f"{base_id}-0", ids, text, fe.lora_for(model))]
     admit(fe, metrics, req.n)
     metrics.prompt_tokens.inc(len(ids))
     run = Run(fe, metrics, "/v1/chat/completions", jobs, req.n)

@@ -112,6 +112,9 @@ def make_parser():
     srv.add_argument("--uvicorn-log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="log level of the HTTP server and of lckv-serve's own messages (vLLM's: --log-level)")
     srv.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    srv.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                     help="LoRA adapters (PEFT folders) served under model names of their own, as `vllm serve "
+                          "--lora-modules` does; needs --enable-lora")
     AsyncEngineArgs.add_cli_args(parser)
     return parser
 
@@ -132,7 +135,27 @@ def parse_args(argv: list[str] | None = None):
     if args.engine_death_grace < 0:
         parser.error("--engine-death-grace must be >= 0")
     args.model = args.model_tag  # vLLM's engine args take the model as --model; ours is positional
+    args.lora_modules = _lora_modules(parser, args)
     return args
+
+
+def _lora_modules(parser, args) -> dict[str, str]:
+    """--lora-modules NAME=PATH ... -> {name: path}, each checked before the engine starts."""
+    if not args.lora_modules:
+        return {}
+    if not args.enable_lora:
+        parser.error("--lora-modules needs --enable-lora")
+    found: dict[str, str] = {}
+    for item in args.lora_modules:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--lora-modules: {item!r} is not NAME=PATH")
+        if name in found:
+            parser.error(f"--lora-modules: the name {name!r} is given twice")
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            parser.error(f"--lora-modules: {path!r} (for {name!r}) has no adapter_config.json (a PEFT adapter folder)")
+        found[name] = path
+    return found
 
 
 def reachability(host: str) -> str:
@@ -208,7 +231,8 @@ async def _run(args, sock: socket.socket, state: dict, engine_args, fault: list[
         fe = EngineFrontend(engine, served_model_names=names, model_path=args.model,
                             max_queued_requests=args.max_queued_requests, stats=stats, max_n=args.max_n,
                             max_tokens_limit=args.max_tokens_limit,
-                            prefill_telemetry=engine_args.worker_extension_cls == EXTENSION)
+                            prefill_telemetry=engine_args.worker_extension_cls == EXTENSION,
+                            lora_modules=args.lora_modules)
         app = create_app(fe, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
         config = uvicorn.Config(app, log_level=args.uvicorn_log_level, access_log=args.access_log,
                                 timeout_graceful_shutdown=args.graceful_timeout, timeout_keep_alive=5)

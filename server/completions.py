@@ -42,7 +42,7 @@ def _completion_logprobs(fe: EngineFrontend, token_ids, logprobs, offset: int) -
     return out
 
 
-async def _completion_jobs(fe: EngineFrontend, req: CompletionRequest, base_id: str) -> list[Job]:
+async def _completion_jobs(fe: EngineFrontend, req: CompletionRequest, base_id: str, lora) -> list[Job]:
     p = req.prompt
     if isinstance(p, str):
         prompts: list[Any] = [p]
@@ -60,7 +60,7 @@ async def _completion_jobs(fe: EngineFrontend, req: CompletionRequest, base_id: 
             ids = list(item)
             ids_check(fe, ids, where)
             text = None
-        jobs.append(Job(f"{base_id}-{i}", ids, text))
+        jobs.append(Job(f"{base_id}-{i}", ids, text, lora))
     return jobs
 
 
@@ -69,7 +69,7 @@ async def create_completion(fe: EngineFrontend, metrics: ServerMetrics, req: Com
     model = fe.resolve_model(req.model)
     requested = check_caps(fe, req, req.max_tokens, "max_tokens" in req.model_fields_set, "max_tokens")
     base_id = f"cmpl-{uuid.uuid4().hex}"
-    jobs = await _completion_jobs(fe, req, base_id)
+    jobs = await _completion_jobs(fe, req, base_id, fe.lora_for(model))
     # per prompt; with max_tokens null "the rest of the context": the smallest, so that all of them fit
     max_tokens = min(context_check(fe, len(job.prompt_ids), requested,
                                    "the prompt" if len(jobs) == 1 else f"prompt {i}", "prompt")

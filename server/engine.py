@@ -34,23 +34,29 @@ def _spawn(coro) -> asyncio.Task:
 
 @dataclass
 class Job:
-    """One engine request: a tokenized prompt and its id."""
+    """One engine request: a tokenized prompt, its id and its LoRA adapter (None: the base model)."""
 
     request_id: str
     prompt_ids: list[int]
     prompt_text: str | None
+    lora: object = None
 
 
 class EngineFrontend:
     def __init__(self, engine, *, served_model_names: list[str], model_path: str,
                  max_queued_requests: int | None = None, stats: EngineStats | None = None,
                  max_n: int | None = None, max_tokens_limit: int | None = None,
-                 prefill_telemetry: bool = False) -> None:
+                 prefill_telemetry: bool = False, lora_modules: dict[str, str] | None = None) -> None:
         self.engine = engine
         vc = engine.vllm_config
         mc = engine.model_config
         self.served_model_names = list(served_model_names)
         self.model_name = self.served_model_names[0]
+        # --lora-modules: each adapter is a model name of its own; requests naming it run with that adapter
+        from vllm.lora.request import LoRARequest
+
+        self.adapters = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(
+            (lora_modules or {}).items())}
         self.model_path = model_path
         self.created = int(time.time())
         self.max_model_len = int(mc.max_model_len)
@@ -92,13 +98,22 @@ class EngineFrontend:
         return self.prefill_stats
 
     # ---- model facts ---------------------------------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        """Every name a request may give: the served model's, then the LoRA adapters'."""
+        return self.served_model_names + [n for n in self.adapters if n not in self.served_model_names]
+
     def resolve_model(self, name: str | None) -> str:
-        if name is None or name in self.served_model_names:
+        if name is None or name in self.model_names:
             return name or self.model_name
         shown = name if len(name) <= 100 else name[:100] + "..."
         raise APIError(404, f"the model '{shown}' does not exist; this server serves "
-                            f"{', '.join(repr(n) for n in self.served_model_names)}", param="model",
+                            f"{', '.join(repr(n) for n in self.model_names)}", param="model",
                        code="model_not_found")
+
+    def lora_for(self, name: str):
+        """The LoRA request of model name `name` (None: the base model)."""
+        return self.adapters.get(name)
 
     @property
     def max_tokens_cap(self) -> int:
@@ -206,7 +221,7 @@ class EngineFrontend:
             finished = False
             try:
                 prompt = tokens_input(job.prompt_ids, prompt=job.prompt_text)
-                async for out in self.engine.generate(prompt, params, job.request_id):
+                async for out in self.engine.generate(prompt, params, job.request_id, lora_request=job.lora):
                     finished = finished or out.finished
                     queue.put_nowait((index, out, None))
             except asyncio.CancelledError:

@@ -389,6 +389,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lckv-vllm"
     root: str
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int
     layer_types: str | None = None  # the active LCKV plan
     checkpoint_layer_types: str | None = None  # the checkpoint's own (differs under --hf-overrides)

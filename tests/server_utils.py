@@ -52,6 +52,7 @@ class StubEngine:
 
         self.tokenizer = tokenizer
         self.dead = False
+        self.loras: list = []  # the LoRA adapter name of each request (None: the base model)
         hf_config = SimpleNamespace(layer_types="0_4_4_4_4_5", num_hidden_layers=6)
         self.model_config = SimpleNamespace(
             max_model_len=max_model_len, max_logprobs=20, hf_config=hf_config, dtype=torch.float32,
@@ -75,11 +76,12 @@ class StubEngine:
     async def abort(self, request_id):
         pass
 
-    async def generate(self, prompt, params, request_id):
+    async def generate(self, prompt, params, request_id, lora_request=None):
         from types import SimpleNamespace
 
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
+        self.loras.append(lora_request.lora_name if lora_request is not None else None)
         text = self.tokenizer.decode(prompt["prompt_token_ids"])
         if "DIE" in text:
             self.dead = True

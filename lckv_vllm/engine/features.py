@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 
 from ..plan import LayerPlan
 from ..settings import ALLOW_UNTESTED_ENV, Settings
+from .feature_switches import (SPEC_DRAFT, SPEC_NGRAM, SPEC_UNTESTED, data_parallel, fast_prefill, kv_cache_dtype,
+                               kv_cache_fp8, kv_fp8_parallel, kv_offloading, kv_skip_layers, lora, lora_combined,
+                               other_connector, pipeline_parallel, pooling, quantization, sleep_mode, speculative,
+                               storage_connector, storage_connector_tp, tensor_parallel)
 
 PLAN_KINDS = ("cyclic", "acyclic", "identity", "windowed", "streaming")
 KIND_TITLES = {
@@ -70,132 +74,6 @@ def _all(status: str, note: str = "", **overrides: Cell) -> dict[str, Cell]:
     return cells
 
 
-# ---- detectors: what the user switched on, read from vLLM's config (None: off) ------------------------------------
-_FP8_PAGES = ("fp8", "fp8_e4m3", "fp8_e5m2")
-
-
-def _kv_cache_dtype(cfg) -> str | None:
-    """A page dtype other than the model's that is not one of the fp8 formats (`_kv_cache_fp8`)."""
-    import torch
-
-    dtype = cfg.cache_config.cache_dtype
-    model = str(cfg.model_config.dtype).replace("torch.", "")
-    # naming the model's own dtype is the same as "auto"
-    if dtype in ("auto", model, *_FP8_PAGES) or (dtype == "float" and cfg.model_config.dtype == torch.float32):
-        return None
-    return f"kv_cache_dtype={dtype!r}"
-
-
-def _kv_cache_fp8(cfg) -> str | None:
-    dtype = cfg.cache_config.cache_dtype
-    return f"kv_cache_dtype={dtype!r}" if dtype in _FP8_PAGES else None
-
-
-def _kv_fp8_parallel(cfg) -> str | None:
-    if _kv_cache_fp8(cfg) is None:
-        return None
-    pc = cfg.parallel_config
-    if pc.tensor_parallel_size > 1 or pc.pipeline_parallel_size > 1:
-        return (f"{_kv_cache_fp8(cfg)} with tensor_parallel_size={pc.tensor_parallel_size}, "
-                f"pipeline_parallel_size={pc.pipeline_parallel_size}")
-    return None
-
-
-def _kv_skip_layers(cfg) -> str | None:
-    skip = cfg.cache_config.kv_cache_dtype_skip_layers
-    return f"kv_cache_dtype_skip_layers={list(skip)!r}" if skip else None
-
-
-def _spec_method(cfg) -> str | None:
-    spec = cfg.speculative_config
-    return None if spec is None else str(spec.method)
-
-
-def _speculative(methods: tuple[str, ...] | None):
-    """Detector for speculative decoding with one of `methods` (None: any method not covered by another row)."""
-
-    def detect(cfg) -> str | None:
-        method = _spec_method(cfg)
-        if method is None:
-            return None
-        if methods is None:
-            if method in _SPEC_ROWS:
-                return None
-        elif method not in methods:
-            return None
-        return f"speculative_config method={method!r}"
-
-    return detect
-
-
-_SPEC_NGRAM = ("ngram",)
-_SPEC_UNTESTED = ("ngram_gpu", "suffix")
-_SPEC_DRAFT = ("draft_model",)
-_SPEC_ROWS = _SPEC_NGRAM + _SPEC_UNTESTED + _SPEC_DRAFT
-
-
-def _lora(cfg) -> str | None:
-    return None if cfg.lora_config is None else "enable_lora"
-
-
-def _quantization(cfg) -> str | None:
-    q = cfg.model_config.quantization
-    return None if q is None else f"quantization={q!r}"
-
-
-def _pooling(cfg) -> str | None:
-    mc = cfg.model_config
-    if mc.runner_type == "pooling" or mc.convert_type not in (None, "none"):
-        return f"runner={mc.runner_type!r} convert={mc.convert_type!r}"
-    return None
-
-
-def _sleep_mode(cfg) -> str | None:
-    return "enable_sleep_mode" if cfg.model_config.enable_sleep_mode else None
-
-
-def _data_parallel(cfg) -> str | None:
-    dp = cfg.parallel_config.data_parallel_size
-    return f"data_parallel_size={dp}" if dp > 1 else None
-
-
-def _tensor_parallel(cfg) -> str | None:
-    tp = cfg.parallel_config.tensor_parallel_size
-    return f"tensor_parallel_size={tp}" if tp > 1 else None
-
-
-def _pipeline_parallel(cfg) -> str | None:
-    pp = cfg.parallel_config.pipeline_parallel_size
-    return f"pipeline_parallel_size={pp}" if pp > 1 else None
-
-
-def _storage_connector(cfg) -> str | None:
-    kt = cfg.kv_transfer_config
-    on = kt is not None and kt.kv_connector == "LCKVStorageConnector"
-    return "kv_connector='LCKVStorageConnector'" if on else None
-
-
-def _storage_connector_tp(cfg) -> str | None:
-    on = _storage_connector(cfg)
-    return on and (tp := _tensor_parallel(cfg)) and f"{on} with {tp}"
-
-
-def _other_connector(cfg) -> str | None:
-    kt = cfg.kv_transfer_config
-    if kt is None or kt.kv_connector in (None, "LCKVStorageConnector"):
-        return None
-    return f"kv_connector={kt.kv_connector!r}"
-
-
-def _kv_offloading(cfg) -> str | None:
-    size = cfg.cache_config.kv_offloading_size
-    return f"kv_offloading_size={size}" if size else None
-
-
-def _fast_prefill(cfg) -> str | None:
-    return "kv_sharing_fast_prefill" if cfg.cache_config.kv_sharing_fast_prefill else None
-
-
 _FP8_NOTE = ("pages hold fp8(x / scale) with per-producer scales (checkpoint or 1.0), every read and every "
              "prefill pass sees those values; equals the fp8 reference (docs/semantics.md); the quality cost is "
              "measured in docs/performance.md")
@@ -207,23 +85,23 @@ FEATURES: tuple[Feature, ...] = (
         "kv-cache-fp8", "`--kv-cache-dtype fp8` (= `fp8_e4m3`) / `fp8_e5m2`",
         _all("bound", _FP8_NOTE),
         instead="serve with --kv-cache-dtype auto (pages in the model dtype)",
-        tests="tests/test_fp8_pages.py", detect=_kv_cache_fp8),
+        tests="tests/test_fp8_pages.py", detect=kv_cache_fp8),
     Feature(
         "kv-cache-fp8-parallel", "fp8 pages with tensor or pipeline parallel",
         _all("untested", "each rank stores its own KV heads (TP) or layers (PP) with the producers' scales, as one "
                          "rank does, but the suite has not run fp8 pages on several ranks"),
         instead="serve fp8 pages on one rank, or float pages on several", tests="tests/test_features.py",
-        detect=_kv_fp8_parallel),
+        detect=kv_fp8_parallel),
     Feature(
         "kv-cache-dtype", "`--kv-cache-dtype` another float dtype than the model's (`bfloat16` pages of a float32 "
                           "model, ...)",
         _all("refused", "the LCKV attention paths store pages in the model dtype or in fp8 only"),
         instead="serve with --kv-cache-dtype auto, fp8 or fp8_e5m2",
-        tests="tests/test_features.py", detect=_kv_cache_dtype),
+        tests="tests/test_features.py", detect=kv_cache_dtype),
     Feature(
         "kv-skip-layers", "`--kv-cache-dtype-skip-layers` (some layers' pages unquantized)",
         _all("refused", "an LCKV engine stores every producer's pages in one dtype (the attention path's)"),
-        instead="quantize every producer's pages, or none", tests="tests/test_features.py", detect=_kv_skip_layers),
+        instead="quantize every producer's pages, or none", tests="tests/test_features.py", detect=kv_skip_layers),
     Feature(
         "spec-ngram", "speculative decoding: `ngram` (`--speculative-config`)",
         _all("exact", "verify tokens are encoded one per sub-step, as decode would: greedy output equals plain "
@@ -232,12 +110,12 @@ FEATURES: tuple[Feature, ...] = (
                                   "segment per verify step), whatever LCKV_EXACT_RECOMPUTE says: exact, but little "
                                   "to gain on cyclic plans")),
         instead="serve without --speculative-config", tests="tests/test_features.py",
-        detect=_speculative(_SPEC_NGRAM)),
+        detect=speculative(SPEC_NGRAM)),
     Feature(
         "spec-suffix", "speculative decoding: `suffix`, `ngram_gpu`",
         _all("untested", "the target verifies as with ngram, but these proposers never ran with an LCKV plan (suffix "
                          "needs the arctic-inference package, ngram_gpu a GPU)", streaming=_NO_SPEC_STREAMING),
-        instead="use method 'ngram', or serve without --speculative-config", detect=_speculative(_SPEC_UNTESTED)),
+        instead="use method 'ngram', or serve without --speculative-config", detect=speculative(SPEC_UNTESTED)),
     Feature(
         "spec-draft-model", "speculative decoding: `draft_model` (an LCKV checkpoint may be the draft too)",
         _all("exact", "the target verifies as with ngram; an LCKV draft of any plan only proposes tokens",
@@ -245,19 +123,30 @@ FEATURES: tuple[Feature, ...] = (
                                        "targets only"),
              streaming=_NO_SPEC_STREAMING),
         instead="use method 'ngram', or serve without --speculative-config", tests="tests/test_features.py",
-        detect=_speculative(_SPEC_DRAFT)),
+        detect=speculative(SPEC_DRAFT)),
     Feature(
         "spec-other", "speculative decoding: EAGLE, EAGLE3, MTP, Medusa, MLP speculator, DFlash, custom",
         _all("refused", "the LCKV model exposes no auxiliary hidden states and has no MTP layers"),
-        instead="use method 'ngram', or serve without --speculative-config", detect=_speculative(None)),
+        instead="use method 'ngram', or serve without --speculative-config", detect=speculative(None)),
     Feature(
-        "lora", "LoRA adapters (`--enable-lora`)",
-        _all("refused", "the LCKV model does not implement vLLM's LoRA interface yet"),
-        instead="merge the adapter into the weights and serve the merged checkpoint", detect=_lora),
+        "lora", "LoRA adapters (`--enable-lora`, PEFT format, several adapters per batch)",
+        _all("exact", "each token gets its adapter's deltas on q (consumers) or q/k/v (producers), o and the MLP in "
+                      "every prefill pass and sub-step: equals the checkpoint with the adapter merged into its "
+                      "weights; an adapter's k/v deltas for a layer that computes no KV under the plan have nothing "
+                      "to apply to, like that layer's own k/v weights",
+             streaming=Cell("untested", "not run in StreamingLLM mode by the suite")),
+        instead="merge the adapter into the weights and serve the merged checkpoint", tests="tests/test_lora.py",
+        detect=lora),
+    Feature(
+        "lora-combined", "LoRA with tensor / pipeline parallelism, speculative decoding, or on a GPU",
+        _all("untested", "the sub-step mapping is written for vLLM's GPU wrapper too, but the suite runs LoRA on one "
+                         "CPU rank without speculation only"),
+        instead="serve LoRA on one CPU rank without --speculative-config, or merge the adapter into the weights",
+        tests="tests/test_features.py", detect=lora_combined),
     Feature(
         "quantization", "weight quantization (`--quantization ...`, quantized checkpoints)",
         _all("refused", "the weight loader maps unquantized Llama weights only; quantized layouts are not tested"),
-        instead="serve an unquantized checkpoint", detect=_quantization),
+        instead="serve an unquantized checkpoint", detect=quantization),
     Feature(
         "structured-outputs", "structured outputs (guided JSON / regex / choice; per request)",
         _all("exact", "constrains sampling only; the model computes the same logits (lckv-serve: response_format "
@@ -293,11 +182,11 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         "pooling", "pooling / embeddings (`--runner pooling`, `--convert embed`, `LLM.embed`)",
         _all("refused", "the pooled vectors of an LCKV plan are not checked against a reference"),
-        instead="serve the model for generation", detect=_pooling),
+        instead="serve the model for generation", detect=pooling),
     Feature(
         "sleep-mode", "sleep mode (`--enable-sleep-mode`)",
         _all("untested", "vLLM's sleep mode runs on CUDA only; never run with an LCKV plan"),
-        instead="serve without --enable-sleep-mode", detect=_sleep_mode),
+        instead="serve without --enable-sleep-mode", detect=sleep_mode),
     Feature(
         "compile", "torch.compile (the CPU default) and CUDA graphs",
         _all("exact", "CPU: vLLM's torch.compile compiles the same segment units on every plan (the suite compiles a "
@@ -308,40 +197,40 @@ FEATURES: tuple[Feature, ...] = (
         "tensor-parallel", "tensor parallel (`--tensor-parallel-size`)",
         _all("exact", windowed=Cell("untested", "the suite runs tensor parallel on cyclic and acyclic plans only"),
              streaming=Cell("untested", "the suite runs tensor parallel on cyclic and acyclic plans only")),
-        instead="serve on one rank", tests="tests/test_parallel.py", detect=_tensor_parallel),
+        instead="serve on one rank", tests="tests/test_parallel.py", detect=tensor_parallel),
     Feature(
         "pipeline-parallel", "pipeline parallel (`--pipeline-parallel-size`)",
         _all("exact", "stages are cut only where no reader is separated from its producer",
              windowed=Cell("untested", "the suite runs pipeline parallel on cyclic and acyclic plans only"),
              streaming=Cell("untested", "the suite runs pipeline parallel on cyclic and acyclic plans only")),
-        instead="serve on one rank", tests="tests/test_parallel.py", detect=_pipeline_parallel),
+        instead="serve on one rank", tests="tests/test_parallel.py", detect=pipeline_parallel),
     Feature(
         "data-parallel", "data parallel (`--data-parallel-size`)",
         _all("untested", "replicas of the whole engine; checked by hand once, not in the suite"),
-        instead="run one server per replica behind a load balancer", detect=_data_parallel),
+        instead="run one server per replica behind a load balancer", detect=data_parallel),
     Feature(
         "kv-connector", "KV connector `LCKVStorageConnector` (prefill/decode disaggregation)",
         _all("exact", "only producer pages move",
              windowed=Cell("refused", "the connector moves one KV-cache group; windowed pages make several"),
              streaming=Cell("refused", "the connector does not move sink + window pages")),
         instead="serve with LCKV_WINDOWED_PAGES=0, or without lckv_streaming, on both instances",
-        tests="tests/test_kv_transfer.py", detect=_storage_connector),
+        tests="tests/test_kv_transfer.py", detect=storage_connector),
     Feature(
         "kv-connector-tp", "`LCKVStorageConnector` with tensor parallel",
         _all("refused", "every rank would write the same files"), instead="one rank per instance",
-        tests="tests/test_features.py", detect=_storage_connector_tp),
+        tests="tests/test_features.py", detect=storage_connector_tp),
     Feature(
         "kv-connector-other", "other KV connectors (NIXL, LMCache, offloading, ...)",
         _all("untested", "they move the KV tensors vLLM registered (producers only); GPU-only, not in the suite"),
-        instead="use LCKVStorageConnector (lckv_vllm.engine.connector)", detect=_other_connector),
+        instead="use LCKVStorageConnector (lckv_vllm.engine.connector)", detect=other_connector),
     Feature(
         "kv-offloading", "KV offloading to CPU memory (`--kv-offloading-size`)",
-        _all("untested", "not in the suite"), instead="serve without --kv-offloading-size", detect=_kv_offloading),
+        _all("untested", "not in the suite"), instead="serve without --kv-offloading-size", detect=kv_offloading),
     Feature(
         "kv-sharing-fast-prefill", "`--kv-sharing-fast-prefill`",
         _all("refused", "vLLM's shortcut skips the prefill of layers that share KV; LCKV layers read K/V the "
                         "prefill passes still compute"),
-        instead="serve without --kv-sharing-fast-prefill", detect=_fast_prefill),
+        instead="serve without --kv-sharing-fast-prefill", detect=fast_prefill),
 )
 BY_KEY = {f.key: f for f in FEATURES}
 

@@ -35,7 +35,7 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelL
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.interfaces import SupportsLoRA, SupportsPP
 from vllm.model_executor.models.llama import LlamaMLP
 from vllm.model_executor.models.utils import PPMissingLayer, maybe_prefix
 from vllm.sequence import IntermediateTensors
@@ -48,6 +48,7 @@ from .attention.chooser import backend_for, select_path
 from .attention.page_dtype import page_dtype_of
 from .attention.context import kv_connector, link_step_groups, step_metadata
 from .attention.streaming_read import StreamingRead
+from .lora import AdapterRows
 from ..plan import LayerPlan, plan_from_config
 from .prefill import IterativePrefill
 from .segments import build_segments
@@ -107,15 +108,10 @@ class LCKVAttention(nn.Module):
         quant_config = vllm_config.quant_config
 
         if role.computes_kv:
-            self.qkv_proj = QKVParallelLinear(
-                hidden_size=config.hidden_size,
-                head_size=self.head_dim,
-                total_num_heads=self.total_num_heads,
-                total_num_kv_heads=self.total_num_kv_heads,
-                bias=bias,
-                quant_config=quant_config,
-                prefix=f"{prefix}.qkv_proj",
-            )
+            self.qkv_proj = QKVParallelLinear(hidden_size=config.hidden_size, head_size=self.head_dim,
+                                              total_num_heads=self.total_num_heads,
+                                              total_num_kv_heads=self.total_num_kv_heads, bias=bias,
+                                              quant_config=quant_config, prefix=f"{prefix}.qkv_proj")
         else:
             self.q_proj = ColumnParallelLinear(
                 config.hidden_size,
@@ -278,7 +274,11 @@ class LCKVModel(nn.Module):
         if self.exact_recompute:
             vp.install_prompt_lengths_hook()
         tp_reduce = tensor_model_parallel_all_reduce if get_tensor_model_parallel_world_size() > 1 else None
-        self.prefill = IterativePrefill(self.plan, self.settings, tp_reduce)
+        adapters = None
+        if vllm_config.lora_config is not None:  # vLLM wraps the layers after construction (lora.py)
+            adapters = AdapterRows(self)
+            vp.install_cpu_lora_fix()
+        self.prefill = IterativePrefill(self.plan, self.settings, tp_reduce, adapters)
 
     def _bind_consumers(self, vllm_config: VllmConfig, prefix: str) -> None:
         """Point each non-producing layer's `Attention` at its producer's pages (vLLM KV sharing).
@@ -338,8 +338,11 @@ def _select_path(settings: Settings, config, vllm_config: VllmConfig, streaming:
                        page_dtype=page_dtype_of(vllm_config.cache_config.cache_dtype))
 
 
-class LCKVLlamaForCausalLM(nn.Module, SupportsPP):
+class LCKVLlamaForCausalLM(nn.Module, SupportsLoRA, SupportsPP):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    # LoRA: vLLM wraps producers' qkv_proj, consumers' q_proj and the MLPs by these names; an adapter's k/v weights
+    # for a layer that computes no KV under the plan have nothing to apply to (as the layer's own k/v weights)
+    embedding_modules = {"embed_tokens": "input_embeddings", "lm_head": "output_embeddings"}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()

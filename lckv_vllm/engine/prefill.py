@@ -43,6 +43,7 @@ import torch
 
 from .attention.context import metadata_swapped
 from .attention.step import LCKVStep, pass_substep, substep
+from .lora import AdapterRows
 from .segments import SegmentUnits
 from ..plan import LayerPlan
 from ..settings import CHUNKED_PREFILL_ENV, DEFAULT_PREFILL_TOL, PREFILL_TOL_ENV, Settings
@@ -116,8 +117,9 @@ class PrefillStats:
 class IterativePrefill:
     """Runs the cyclic segments of one model (or pipeline stage); one per engine, built by `LCKVModel`."""
 
-    def __init__(self, plan: LayerPlan, settings: Settings, tp_reduce=None):
+    def __init__(self, plan: LayerPlan, settings: Settings, tp_reduce=None, adapters: AdapterRows | None = None):
         self.plan = plan
+        self.adapters = adapters  # LoRA: each sub-step's tokens keep their adapters (lora.py)
         self.settings = settings
         # use_sequential makes every token exact (one pass per token): it never stops early
         self.tol = settings.prefill_tol if settings.adaptive and not plan.use_sequential else 0.0
@@ -132,7 +134,16 @@ class IterativePrefill:
 
     # ---- one step --------------------------------------------------------------------------------------------------
     def begin_step(self, step: LCKVStep) -> "_StepRecord":
+        if self.adapters is not None:
+            self.adapters.begin_step(step)
         return _StepRecord(step.num_reqs)
+
+    @contextlib.contextmanager
+    def substep_scope(self, sub: LCKVStep):
+        """Run the body on sub-step `sub`: the layers read its attention metadata and its tokens' LoRA adapters."""
+        with metadata_swapped(sub), (self.adapters.scope(sub) if self.adapters is not None else
+                                     contextlib.nullcontext()):
+            yield
 
     def run(self, units: SegmentUnits, positions, hidden, step: LCKVStep, record: "_StepRecord", parts=None):
         """One segment of the step: an acyclic one once; a cyclic one iteratively, part by part when the step
@@ -143,7 +154,7 @@ class IterativePrefill:
             return self.run_segment(units, positions, hidden, step, record)
         out = hidden.clone()
         for part in parts:
-            with metadata_swapped(part.step):
+            with self.substep_scope(part.step):
                 h = self.run_segment(units, positions.index_select(0, part.rows), hidden.index_select(0, part.rows),
                                      part.step, record, passes=part.passes, rows_of_step=part.reqs)
             out.index_copy_(0, part.rows, h)
@@ -162,7 +173,7 @@ class IterativePrefill:
             if blocks is not None:
                 out = torch.empty_like(seg_in)
                 for rows, sub, reqs in blocks:
-                    with metadata_swapped(sub):
+                    with self.substep_scope(sub):
                         h = self._run_one(units, positions.index_select(0, rows), seg_in.index_select(0, rows),
                                           sub, record, None, reqs if rows_of_step is None else rows_of_step[reqs])
                     out.index_copy_(0, rows, h)
@@ -242,7 +253,7 @@ class IterativePrefill:
                     break
                 part = substep(step, reqs, starts[reqs], q_lens[reqs] - starts[reqs])
             rows, sub = part
-            with units.capture() as capture, metadata_swapped(sub):
+            with units.capture() as capture, self.substep_scope(sub):
                 h = run(positions.index_select(0, rows), seg_in.index_select(0, rows))
             new = _stack(capture)
             out.index_copy_(0, rows, h)
@@ -277,7 +288,7 @@ class IterativePrefill:
             pos = positions if cur_rows is None else positions.index_select(0, cur_rows)
             x_in = seg_in if cur_rows is None else seg_in.index_select(0, cur_rows)
             lens = cur.query_lens_cpu
-            with metadata_swapped(cur) if cur is not step else contextlib.nullcontext():
+            with self.substep_scope(cur) if cur is not step else contextlib.nullcontext():
                 with units.capture() as capture:
                     hb = (u.body_first if k == 1 and context_free else u.body)(pos, x_in)
                     u.write_top(pos, hb)
@@ -296,7 +307,7 @@ class IterativePrefill:
                 done = (nxt > old).nonzero().flatten()  # indices into reqs (and cur's requests)
                 if done.numel():
                     local, fin = substep(cur, done, torch.zeros_like(done), (nxt - old)[done])
-                    with metadata_swapped(fin):
+                    with self.substep_scope(fin):
                         h = u.tail(pos.index_select(0, local), hb.index_select(0, local))
                     out.index_copy_(0, local if cur_rows is None else cur_rows.index_select(0, local), h)
             starts[reqs] = nxt

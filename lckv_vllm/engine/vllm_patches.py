@@ -39,6 +39,12 @@ things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTED_VLLM`) moves
    `Attention.get_kv_cache_spec` is wrapped per instance (`use_sink_window_pages`) to turn the sliding-window spec
    vLLM builds from the window into a `SinkWindowSpec`.
 
+9. vLLM's CPU LoRA ops (`lora/ops/torch_ops`, the `bgmv_*` functions the punica CPU wrapper calls) index the
+   stacked adapter weights with each token's adapter slot, and a token without an adapter has slot -1, which torch
+   reads as the *last* slot: once every slot holds an adapter, a request without LoRA batched with LoRA requests
+   gets the last adapter's output (vLLM's own Llama too; the GPU kernels skip -1).  The wrappers zero such tokens'
+   inputs, so they add nothing.  Installed by the first LCKV model served with LoRA, in its process only.
+
 Private vLLM names the plugin only *reads or calls* live in modules named for their job: vLLM's CPU attention ops in
 `attention/cpu_kernels.py`, the forward context's per-layer metadata (and its swap for sub-steps) and the KV
 connector lookup in `attention/context.py`, the KV spec classes in `sink_window_pages.py`.
@@ -145,3 +151,30 @@ def use_sink_window_pages(attn, sink_tokens: int) -> None:
         return spec_cls(**fields, sink_tokens=sink_tokens)
 
     attn.get_kv_cache_spec = get_kv_cache_spec
+
+
+# ---- 9. CPU LoRA ops: a token without an adapter adds nothing ----------------------------------------------------------
+def _skip_unmapped(op):
+    def wrapped(inputs, weights, output, indices, *args, **kwargs):
+        unmapped = indices < 0
+        if bool(unmapped.any()):  # slot -1 would read the last adapter: feed those tokens zeros instead
+            inputs = inputs.masked_fill(unmapped[:, None], 0)
+        return op(inputs, weights, output, indices, *args, **kwargs)
+
+    wrapped.lckv_skips_unmapped = True
+    return wrapped
+
+
+def install_cpu_lora_fix() -> None:
+    """Item 9 (idempotent)."""
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
+        op = getattr(lora_ops, name)
+        if getattr(op, "lckv_skips_unmapped", False):
+            continue
+        fixed = _skip_unmapped(op)
+        setattr(lora_ops, name, fixed)  # what the sgmv_* functions call
+        if hasattr(punica_cpu, name):
+            setattr(punica_cpu, name, fixed)  # what the CPU wrapper imported by name

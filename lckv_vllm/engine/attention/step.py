@@ -60,9 +60,10 @@ class LCKVStep:
     prefill_blocks: tuple | None = None  # prefill blocks as rounds (rows, sub-step, requests); () = none (prefill.py)
     kv_version: int = 0  # bumped by every write to any pages during the step: invalidates `gathered`
     # several KV-cache groups: every group's step of this batch, this one included, in one shared order (None: one
-    # group); for a sub-step, `origin` is the step it was cut from
+    # group); for a sub-step, `origin` is the step it was cut from and `rows` its tokens' indices among the origin's
     family: list | None = None
     origin: object = None
+    rows: torch.Tensor | None = None
 
     @property
     def members(self) -> list:
@@ -154,7 +155,7 @@ def substep(step: LCKVStep, reqs: torch.Tensor, starts: torch.Tensor, lens: torc
             query_start_loc_cpu=new_qsl,
             seq_lens_cpu=seq_lens,
         )
-        sub.origin = m
+        sub.origin, sub.rows = m, rows_dev
         subs.append(sub)
     if len(subs) > 1:
         for sub in subs:
