@@ -16,6 +16,7 @@ import contextlib
 
 import torch
 
+from . import vllm_patches as vp
 from .attention.step import LCKVStep
 
 
@@ -54,24 +55,13 @@ class AdapterRows:
             return
         idx = self._indices(sub)
         outer = self._applied[-1] if self._applied else self._full
-        self._apply(idx)
+        vp.set_lora_token_mapping(self._wrapper, idx)
         self._applied.append(idx)
         try:
             yield
         finally:
             self._applied.pop()
-            self._apply(outer)
-
-    def _apply(self, idx: torch.Tensor) -> None:
-        """Make `idx` the wrapper's token mapping: the same fixed buffers vLLM's `update_metadata` fills."""
-        w, n = self._wrapper, idx.numel()
-        w._token_lora_indices[:n].copy_(idx)
-        w.indices_len[0] = n
-        if hasattr(w, "token_mapping_meta"):  # the GPU wrapper: its kernels read the sorted per-adapter layout
-            w.token_mapping_meta.prepare_tensors(w.token_lora_indices)
-        else:  # the CPU wrapper runs every step as a prefill (segment lengths per adapter)
-            w._update_prefill_metadata(w.token_lora_indices)
-
+            vp.set_lora_token_mapping(self._wrapper, outer)
 
 def punica_wrapper_of(model: torch.nn.Module):
     """The punica wrapper vLLM gave `model`'s LoRA layers (one object shared by all), or None without LoRA layers."""

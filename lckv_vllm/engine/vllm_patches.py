@@ -45,6 +45,12 @@ things to re-check when the pinned vLLM minor (`lckv_vllm.SUPPORTED_VLLM`) moves
    gets the last adapter's output (vLLM's own Llama too; the GPU kernels skip -1).  The wrappers zero such tokens'
    inputs, so they add nothing.  Installed by the first LCKV model served with LoRA, in its process only.
 
+10. The LoRA punica wrapper's token mapping (`_token_lora_indices`, `indices_len`, and the metadata derived from them:
+   `_update_prefill_metadata` on CPU, `token_mapping_meta` on GPU) rewritten from outside while a prefill sub-step
+   runs: vLLM sets it once per step for all the step's tokens, but the iterative prefill runs the LoRA layers on
+   subsets of them (`lora.py` says why and when; `set_lora_token_mapping` writes the same fixed buffers vLLM's own
+   `update_metadata` fills).
+
 Private vLLM names the plugin only *reads or calls* live in modules named for their job: vLLM's CPU attention ops in
 `attention/cpu_kernels.py`, the forward context's per-layer metadata (and its swap for sub-steps) and the KV
 connector lookup in `attention/context.py`, the KV spec classes in `sink_window_pages.py`.
@@ -178,3 +184,15 @@ def install_cpu_lora_fix() -> None:
         setattr(lora_ops, name, fixed)  # what the sgmv_* functions call
         if hasattr(punica_cpu, name):
             setattr(punica_cpu, name, fixed)  # what the CPU wrapper imported by name
+
+
+# ---- 10. the LoRA token mapping of a sub-step ----------------------------------------------------------------------
+def set_lora_token_mapping(wrapper, indices) -> None:
+    """Item 10: make `indices` (one adapter slot per token, -1: none) the punica `wrapper`'s token mapping."""
+    n = indices.numel()
+    wrapper._token_lora_indices[:n].copy_(indices)
+    wrapper.indices_len[0] = n
+    if hasattr(wrapper, "token_mapping_meta"):  # the GPU wrapper: its kernels read the sorted per-adapter layout
+        wrapper.token_mapping_meta.prepare_tensors(wrapper.token_lora_indices)
+    else:  # the CPU wrapper runs every step as a prefill (segment lengths per adapter)
+        wrapper._update_prefill_metadata(wrapper.token_lora_indices)
