@@ -300,7 +300,7 @@ def flat(per_doc: dict) -> list[float]:
 
 def run_one(model: str, mode: str, kind: str, tokenizer: Path, tasks_dir: Path, requests: list[dict],
             extra_lm_eval: dict | None = None) -> dict:
-    from lckv_vllm.tools.harness import free_port, log_tail, stop_process, wait_ready
+    from lckv_vllm.tools.harness import free_port, serve
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -312,13 +312,10 @@ def run_one(model: str, mode: str, kind: str, tokenizer: Path, tasks_dir: Path, 
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = server_command(kind, model, port)
     print(f"$ {show(cmd, dict(VLLM_CPU_KVCACHE_SPACE='1', **MODES[mode]))}", flush=True)
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
     runs = {}
-    try:
-        wait_ready(url, proc, timeout=600)
-        ready = time.time() - t0
+    # the recipe's commands are written relative to the repository (as the docs show them)
+    with serve(cmd, log, url, env, cwd=ROOT, timeout=600, stop_timeout=60) as srv:
+        ready = srv.startup_s
         variants = {"": {}}
         variants.update(extra_lm_eval or {})
         lm_env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -339,11 +336,6 @@ def run_one(model: str, mode: str, kind: str, tokenizer: Path, tasks_dir: Path, 
         t2 = time.time()
         direct = score_direct(url, model, requests)
         direct_seconds = round(time.time() - t2, 1)
-    except Exception:
-        print(log_tail(log), flush=True)
-        raise
-    finally:
-        stop_process(proc, 60)
     main = runs.pop("")
     main.update(server_command=show(cmd, dict(VLLM_CPU_KVCACHE_SPACE="1", **MODES[mode])).replace(str(port), "$PORT"),
                 env=MODES[mode], server_ready_seconds=round(ready, 1), direct_seconds=direct_seconds,

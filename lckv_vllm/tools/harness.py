@@ -176,11 +176,11 @@ class Server:
 
 
 def launch(cmd: list[str], log: Path, url: str, env: dict | None = None, *, name: str = "",
-           append: bool = False) -> Server:
+           append: bool = False, cwd: Path | str | None = None) -> Server:
     """Start a server without waiting for it (servers can start side by side); output to `log`, in a session of its
-    own (its process group can be stopped as one)."""
+    own (its process group can be stopped as one); `cwd`: where relative paths in `cmd` start."""
     out = open(log, "a" if append else "w")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
     srv = Server(proc, url, Path(log), name)
     srv.startup_s = time.perf_counter()  # the start time until wait_ready() turns it into a duration
     return srv
@@ -188,10 +188,10 @@ def launch(cmd: list[str], log: Path, url: str, env: dict | None = None, *, name
 
 def start_server(cmd: list[str], log: Path, url: str, env: dict | None = None, *, name: str = "",
                  timeout: float = 300, poll: float = 1.0, tail: int = 40, warmup: dict | None = None,
-                 warmup_timeout: float = 120, append: bool = False) -> Server:
+                 warmup_timeout: float = 120, append: bool = False, cwd: Path | str | None = None) -> Server:
     """launch() and wait_ready(); then, with `warmup`, one /v1/completions request (so that the first measured TTFT is
     not the engine's first-step set-up)."""
-    srv = launch(cmd, log, url, env, name=name, append=append)
+    srv = launch(cmd, log, url, env, name=name, append=append, cwd=cwd)
     srv.wait_ready(timeout, poll, tail)
     if warmup is not None:
         try:
