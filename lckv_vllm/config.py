@@ -13,6 +13,8 @@ on save: the file format stays official, and neither library misreads it.
 
 from __future__ import annotations
 
+import sys
+
 from transformers import LlamaConfig
 
 from .plan import DEFAULT_BACKWARD_PASSES, DEFAULT_FORWARD_PASSES, LayerPlan, plan_from_config
@@ -94,3 +96,9 @@ def register_hf_config() -> None:
         AutoConfig.register(MODEL_TYPE, LCKVLlamaConfig)
     except ValueError:  # already registered in this process (exist_ok differs across transformers versions)
         pass
+
+
+# The start-up hook (hf_autoconfig.py) fires when transformers' auto-config module is first imported; when that was
+# this module's own `LlamaConfig` import, the class did not exist yet and the hook left the registration to here.
+if getattr(sys.modules.get("lckv_vllm.hf_autoconfig"), "deferred", False):
+    register_hf_config()

@@ -1,31 +1,39 @@
-"""Hugging Face tools on the project's checkpoints without the plugin (docs/hf_tools.md).
+"""Hugging Face tools on the project's checkpoints (docs/hf_tools.md).
 
 Stock `AutoTokenizer.from_pretrained(checkpoint)` reads config.json before tokenizer_config.json and cannot parse the
-official LCKV config, so the supported plugin-free routes are `lckv-vllm export-tokenizer` (a folder of the tokenizer
-files alone) and `PreTrainedTokenizerFast.from_pretrained(checkpoint)`.  Each route runs in a fresh interpreter that
-never imports lckv_vllm (transformers loads no plugins; only vLLM does), and must give the ids of the tokenizer
-loaded with the plugin's config registered."""
+official LCKV config on its own.  Where lckv-vllm is installed, its start-up hook (`lckv_vllm-autoconfig.pth`,
+lckv_vllm/hf_autoconfig.py) registers the config class when transformers' auto-config module is imported, so stock
+AutoTokenizer works in a fresh interpreter without importing the plugin or vLLM.  With the hook off
+(`LCKV_HF_AUTOCONFIG=0`: as if the plugin were not installed) the plugin-free routes `lckv-vllm export-tokenizer`
+and `PreTrainedTokenizerFast.from_pretrained(checkpoint)` remain.  Every route runs in a fresh interpreter and must
+give the ids of the tokenizer loaded with the plugin's config registered in-process."""
 
 from __future__ import annotations
 
 import json
+import os
+import site
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from lckv_vllm.cli import main as cli
+from lckv_vllm.hf_autoconfig import AutoConfigHook
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "shakespeare-lckv-w2"
+PTH = "lckv_vllm-autoconfig.pth"
 TEXTS = ["To be, or not to be: that is the question.", "  two leading spaces\nand a newline",
          "caf\u00e9 \u2014 \u00fcber na\u00efve \U0001F600", "<s> literal specials </s>", ""]
 
-# Run in a fresh interpreter: try each (route, folder) and report ids / chat template, or the exception's type.
+# Run in a fresh interpreter: try each (route, folder) and report ids / chat template, or the exception's type; then
+# what the interpreter imported.
 PROBE = r"""
 import json, sys
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 texts = json.loads(sys.argv[1])
 out = []
 for route, folder in json.loads(sys.argv[2]):
@@ -36,15 +44,22 @@ for route, folder in json.loads(sys.argv[2]):
         out.append({"error": type(e).__name__})
         continue
     out.append({"ids": [tok.encode(t) for t in texts], "chat_template": tok.chat_template})
-assert "lckv_vllm" not in sys.modules and "vllm" not in sys.modules, "the probe must not load the plugin"
-print(json.dumps(out))
+try:
+    config = type(AutoConfig.from_pretrained(json.loads(sys.argv[2])[0][1])).__name__
+except Exception as e:
+    config = type(e).__name__
+print(json.dumps({"routes": out, "config": config, "vllm": "vllm" in sys.modules,
+                  "plugin": "lckv_vllm.config" in sys.modules,
+                  "hook_left": not any(type(f).__name__ == "AutoConfigHook" for f in sys.meta_path)}))
 """
 
 
-def probe(*jobs: tuple[str, Path]) -> list[dict]:
+def probe(*jobs: tuple[str, Path], hook: bool = True) -> dict:
+    env = {**os.environ, "LCKV_HF_AUTOCONFIG": "1" if hook else "0"}
     r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(TEXTS), json.dumps([(a, str(f)) for a, f in jobs])],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "RuntimeWarning" not in r.stderr, r.stderr[-3000:]
     return json.loads(r.stdout.splitlines()[-1])
 
 
@@ -72,7 +87,20 @@ def test_format_stays_official(checkpoints):
         assert isinstance(cfg["layer_types"], str) and cfg["layer_types"].count("_") == cfg["num_hidden_layers"] - 1
 
 
+def test_stock_autotokenizer_loads_the_checkpoints_where_the_plugin_is_installed(checkpoints):
+    results = probe(*[("auto", ckpt) for ckpt in checkpoints.values()])
+    for name, got in zip(checkpoints, results["routes"]):
+        want = with_plugin(checkpoints[name])
+        assert got == want, name
+        assert want["ids"][0][0] == 1 and want["chat_template"], name  # BOS first; the chat template came along
+    assert results["config"] == "LCKVLlamaConfig"
+    assert not results["vllm"], "the start-up hook must not import vLLM"
+    assert results["hook_left"], "the hook is one-shot: it leaves sys.meta_path once it has registered"
+
+
 def test_plugin_free_routes_give_the_plugins_ids(checkpoints, tmp_path):
+    """With the hook off the interpreter behaves as if the plugin were not installed: AutoTokenizer on the checkpoint
+    fails (docs state it), the exported folder and PreTrainedTokenizerFast still give the plugin's ids."""
     jobs, expected = [], []
     for name, ckpt in checkpoints.items():
         exported = tmp_path / name
@@ -80,14 +108,43 @@ def test_plugin_free_routes_give_the_plugins_ids(checkpoints, tmp_path):
         assert not (exported / "config.json").exists()
         jobs += [("auto", ckpt), ("auto", exported), ("fast", ckpt)]
         expected.append(with_plugin(ckpt))
-    results = probe(*jobs)
+    results = probe(*jobs, hook=False)
+    assert not results["plugin"] and results["config"] == "ValueError"
     for i, (name, want) in enumerate(zip(checkpoints, expected)):
-        in_place, exported, fast = results[3 * i:3 * i + 3]
-        # the limitation the docs state: stock AutoTokenizer on the checkpoint folder itself fails (config.json)
-        assert "error" in in_place, f"{name}: AutoTokenizer now loads the checkpoint without the plugin; update docs"
+        in_place, exported, fast = results["routes"][3 * i:3 * i + 3]
+        assert "error" in in_place, f"{name}: AutoTokenizer loads the checkpoint without the plugin; update docs"
         assert exported == want, name
         assert fast == want, name
-        assert want["ids"][0][0] == 1 and want["chat_template"], name  # BOS first; the chat template came along
+
+
+def test_startup_hook_is_installed_and_shipped(tmp_path):
+    """The .pth sits at the top of this environment's site-packages (the editable install CI uses), and a wheel built
+    from the repository carries it at its root (what `pip install lckv-vllm` puts into site-packages)."""
+    installed = [Path(d) / PTH for d in site.getsitepackages() if (Path(d) / PTH).is_file()]
+    assert installed, f"{PTH} is not in {site.getsitepackages()}: reinstall (make setup)"
+    assert installed[0].read_text() == (ROOT / PTH).read_text()
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = tmp_path.glob("lckv_vllm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert PTH in names and "lckv_vllm/hf_autoconfig.py" in names
+    assert not any(Path(n).name.startswith("test_") for n in names)  # kernels' tests stay in the repository
+
+
+def test_hook_is_one_shot_and_off_switch(monkeypatch):
+    """install() adds one finder, only when enabled; a second install() adds none."""
+    from lckv_vllm import hf_autoconfig
+
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, AutoConfigHook)])
+    monkeypatch.delitem(sys.modules, hf_autoconfig.TARGET)  # as in a fresh interpreter
+    monkeypatch.setenv(hf_autoconfig.ENV, "0")
+    hf_autoconfig.install()
+    assert not any(isinstance(f, AutoConfigHook) for f in sys.meta_path)
+    monkeypatch.setenv(hf_autoconfig.ENV, "1")
+    hf_autoconfig.install()
+    hf_autoconfig.install()
+    assert sum(isinstance(f, AutoConfigHook) for f in sys.meta_path) == 1
 
 
 def test_export_tokenizer_errors(tmp_path, capsys):
