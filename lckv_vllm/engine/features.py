@@ -107,8 +107,8 @@ FEATURES: tuple[Feature, ...] = (
         _all("exact", "verify tokens are encoded one per sub-step, as decode would: greedy output equals plain "
                       "decoding", streaming=_NO_SPEC_STREAMING,
              cyclic=Cell("exact", "the k+1 verify tokens are encoded one after another (k+1 runs of the cyclic "
-                                  "segment per verify step), whatever LCKV_EXACT_RECOMPUTE says: exact, but little "
-                                  "to gain on cyclic plans")),
+                                  "segment per verify step), whatever LCKV_EXACT_RECOMPUTE says: exact, but no "
+                                  "exact verify saves cyclic work over plain decoding (docs/features.md)")),
         instead="serve without --speculative-config", tests="tests/test_features.py",
         detect=speculative(SPEC_NGRAM)),
     Feature(
