@@ -65,6 +65,9 @@ REFUSED = [  # (preset, engine arguments, words the message must contain)
     ("tiny-w2", dict(data_parallel_size=2), ["data_parallel_size=2", "LCKV_ALLOW_UNTESTED=data-parallel"]),
     ("tiny-w2", dict(kv_offloading_size=1.0), ["kv_offloading_size=1.0", "LCKV_ALLOW_UNTESTED=kv-offloading"]),
     ("tiny-w2", dict(kv_sharing_fast_prefill=True), ["kv_sharing_fast_prefill"]),
+    ("tiny-w2", dict(attention_backend="FLEX_ATTENTION"), ["attention_backend='FLEX_ATTENTION'", "LCKV_ATTENTION_IMPL"]),
+    ("tiny-w2", dict(enable_prompt_embeds=True, hf_overrides=STREAMING),
+     ["enable_prompt_embeds", "streaming", "LCKV_ALLOW_UNTESTED=prompt-embeds"]),
     ("tiny-w2", dict(speculative_config=NGRAM, hf_overrides=STREAMING), ["method='ngram'", "streaming"]),
     ("tiny-yoco", dict(kv_transfer_config="@connector"), ["LCKVStorageConnector", "LCKV_WINDOWED_PAGES=0"]),
     ("tiny-w2", dict(kv_transfer_config="@connector", tensor_parallel_size=2), ["with tensor_parallel_size=2"]),
@@ -136,6 +139,44 @@ def test_allow_untested_rejects_unknown_keys(model_dir, monkeypatch):
     monkeypatch.setenv("LCKV_ALLOW_UNTESTED", "warp-drive")
     with pytest.raises(Exception, match="LCKV_ALLOW_UNTESTED: unknown feature key.*warp-drive"):
         _config(model_dir("tiny-w2"))
+
+
+def test_async_scheduling_on_a_gpu_is_refused_and_off_on_cpu(model_dir, monkeypatch):
+    """On CPU vLLM turns async scheduling off itself (the guard lets an explicit request through); on a GPU an explicit
+    request is refused by name (the detector's platform test is swapped for a GPU's here)."""
+    from lckv_vllm.engine import feature_switches
+
+    assert _config(model_dir("tiny-w2"), async_scheduling=True).scheduler_config.async_scheduling is False
+    monkeypatch.setattr(feature_switches, "_on_gpu", lambda: True)
+    with pytest.raises(Exception) as e:
+        _config(model_dir("tiny-w2"), async_scheduling=True)
+    for w in ("does not support", "async_scheduling=True", "LCKV_ALLOW_UNTESTED=async-scheduling"):
+        assert w in str(e.value), (w, str(e.value))
+    _config(model_dir("tiny-w2"))  # vLLM's default (None) is not a request: the config hook turns it off on GPUs
+
+
+@pytest.mark.parametrize("preset", ["tiny-w2", "tiny-cla", "tiny-identity", "tiny-yoco"])
+def test_prompt_embeds_equal_the_token_prompt(engine, model_dir, preset):
+    """A prompt given as embeddings (the checkpoint's own rows of embed_tokens) generates what the token prompt
+    generates, on every plan kind the matrix marks as working (tiny-yoco: windowed pages)."""
+    import torch
+    from safetensors.torch import load_file
+    from vllm import SamplingParams
+
+    model = model_dir(preset)
+    llm = engine(preset, enable_prompt_embeds=True)
+    table = load_file(str(model / "model.safetensors"))["model.embed_tokens.weight"].float()
+    prompts = [random_prompt(n, seed) for seed, n in ((1, 5), (2, 40), (3, 90))]
+    want = generate(llm, prompts)
+    sp = SamplingParams(max_tokens=16, temperature=0, logprobs=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_embeds": table[torch.tensor(p) % table.shape[0]]} for p in prompts], sp,
+                        use_tqdm=False)
+    for (tokens, logprobs, _), o in zip(want, outs):
+        c = o.outputs[0]
+        assert list(c.token_ids) == tokens, preset
+        got = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]
+        assert max(abs(a - b) for a, b in zip(got, logprobs)) < 1e-4, preset
+    assert generate(engine(preset), prompts) == want  # enabling the switch changes nothing for token prompts
 
 
 def test_model_dtype_named_as_kv_dtype_is_auto(model_dir):

@@ -139,3 +139,25 @@ def kv_offloading(cfg) -> str | None:
 
 def fast_prefill(cfg) -> str | None:
     return "kv_sharing_fast_prefill" if cfg.cache_config.kv_sharing_fast_prefill else None
+
+
+def _on_gpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()
+
+
+def attention_backend(cfg) -> str | None:
+    """A backend named with `--attention-backend` (or VLLM_ATTENTION_BACKEND): LCKV layers never use vLLM's."""
+    backend = getattr(cfg.attention_config, "backend", None)
+    return None if backend is None else f"attention_backend={getattr(backend, 'name', backend)!r}"
+
+
+def async_scheduling(cfg) -> str | None:
+    """`--async-scheduling` asked for on a GPU.  vLLM turns it off on CPU itself; its GPU default (None -> on) is
+    turned off by the config hook after the guard, so only an explicit request is seen here."""
+    return "async_scheduling=True" if cfg.scheduler_config.async_scheduling and _on_gpu() else None
+
+
+def prompt_embeds(cfg) -> str | None:
+    return "enable_prompt_embeds" if cfg.model_config.enable_prompt_embeds else None

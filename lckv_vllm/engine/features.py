@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 from ..plan import LayerPlan
 from ..settings import ALLOW_UNTESTED_ENV, Settings
-from .feature_switches import (SPEC_DRAFT, SPEC_NGRAM, SPEC_UNTESTED, data_parallel, fast_prefill, kv_cache_dtype,
-                               kv_cache_fp8, kv_fp8_parallel, kv_offloading, kv_skip_layers, lora, lora_combined,
-                               other_connector, pipeline_parallel, pooling, quantization, sleep_mode, speculative,
-                               storage_connector, storage_connector_tp, tensor_parallel)
+from .feature_switches import (SPEC_DRAFT, SPEC_NGRAM, SPEC_UNTESTED, async_scheduling, attention_backend,
+                               data_parallel, fast_prefill, kv_cache_dtype, kv_cache_fp8, kv_fp8_parallel,
+                               kv_offloading, kv_skip_layers, lora, lora_combined, other_connector, pipeline_parallel,
+                               pooling, prompt_embeds, quantization, sleep_mode, speculative, storage_connector,
+                               storage_connector_tp, tensor_parallel)
 
 PLAN_KINDS = ("cyclic", "acyclic", "identity", "windowed", "streaming")
 KIND_TITLES = {
@@ -180,6 +181,13 @@ FEATURES: tuple[Feature, ...] = (
                                                "ones; LCKV_CHUNKED_PREFILL=0 forces whole-prompt prefill")),
         tests="tests/test_prefill.py"),
     Feature(
+        "prompt-embeds", "prompt embeddings (`--enable-prompt-embeds`, `prompt_embeds` requests)",
+        _all("exact", "the model starts from the given embeddings instead of looking the tokens up: the same "
+                      "output as the token prompt whose embeddings they are",
+             streaming=Cell("untested", "the suite sends prompt embeddings to cyclic, acyclic, identity and "
+                                        "windowed-page plans only")),
+        instead="send token prompts", tests="tests/test_features.py", detect=prompt_embeds),
+    Feature(
         "pooling", "pooling / embeddings (`--runner pooling`, `--convert embed`, `LLM.embed`)",
         _all("refused", "the pooled vectors of an LCKV plan are not checked against a reference"),
         instead="serve the model for generation", detect=pooling),
@@ -187,6 +195,18 @@ FEATURES: tuple[Feature, ...] = (
         "sleep-mode", "sleep mode (`--enable-sleep-mode`)",
         _all("untested", "vLLM's sleep mode runs on CUDA only; never run with an LCKV plan"),
         instead="serve without --enable-sleep-mode", detect=sleep_mode),
+    Feature(
+        "attention-backend", "`--attention-backend` (or `VLLM_ATTENTION_BACKEND`)",
+        _all("refused", "every LCKV layer runs the plugin's attention (reads of pages that later layers write, "
+                        "strict-causal masks), whatever backend is named"),
+        instead="leave it unset; LCKV_ATTENTION_IMPL=cpu|torch|triton picks the plugin's attention path",
+        tests="tests/test_features.py", detect=attention_backend),
+    Feature(
+        "async-scheduling", "async scheduling (`--async-scheduling`; on by default on GPUs)",
+        _all("untested", "CPU: vLLM turns it off; GPU: the config hook turns vLLM's default off and an explicit "
+                         "request is refused (overlapping steps with the iterative prefill and the exact "
+                         "re-encoding is untested)"),
+        instead="serve without --async-scheduling", tests="tests/test_features.py", detect=async_scheduling),
     Feature(
         "compile", "torch.compile (the CPU default) and CUDA graphs",
         _all("exact", "CPU: vLLM's torch.compile compiles the same segment units on every plan (the suite compiles a "

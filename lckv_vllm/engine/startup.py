@@ -2,7 +2,8 @@
 
 vLLM runs `LCKVConfigHook.verify_and_update_config` for the `LCKVLlamaForCausalLM` architecture (registered by
 `vllm_patches.install_config_hook`).  In order:
-1. GPUs run eagerly (no CUDA graphs: graph capture of a step whose pass count depends on the data is untested);
+1. GPUs run eagerly (no CUDA graphs: graph capture of a step whose pass count depends on the data is untested)
+   and without async scheduling (vLLM's GPU default; overlapping steps are untested);
 2. several CPU workers (tensor / pipeline parallel) get an explicit core split unless the user chose one: vLLM's
    "auto" binding wants one NUMA node per worker and refuses otherwise, while "0|1" on two cores serves correctly;
 3. `layer_types` and the LCKV_* switches are validated (errors name the field or variable);
@@ -51,6 +52,13 @@ class LCKVConfigHook:
             vllm_config.model_config.enforce_eager = True
             logger.warning("LCKV: enforce_eager=True on %s: no CUDA graphs (graph capture of the iterative prefill "
                            "is untested; docs/features.md)", current_platform.device_name)
+        if not current_platform.is_cpu() and vllm_config.scheduler_config.async_scheduling is None:
+            # vLLM turns async scheduling on by default on GPUs (later in its config's set-up); steps that overlap
+            # with the iterative prefill and the exact re-encoding are untested, so the default becomes off (an
+            # explicit --async-scheduling was refused by the guard above).
+            vllm_config.scheduler_config.async_scheduling = False
+            logger.warning("LCKV: async scheduling off on %s (untested with LCKV plans; docs/features.md)",
+                           current_platform.device_name)
         if current_platform.is_cpu():
             _bind_cpu_workers(vllm_config.parallel_config)
         if plan.streaming is not None and vllm_config.cache_config.enable_prefix_caching:
