@@ -220,13 +220,18 @@ class ReferenceModel:
     def _logits(self, h):
         return self._lin(self._norm(h, "model.norm.weight"), "lm_head.weight")
 
+    def _out(self, h, head: bool):
+        """What a forward returns: the logits, or (`head=False`) the final-norm hidden states, which vLLM's pooling
+        models pool (embeddings)."""
+        return self._logits(h) if head else self._norm(h, "model.norm.weight")
+
     # ---- the three encodings ------------------------------------------------------------------------------------
     def new_cache(self) -> _Cache:
         return _Cache(self.plan.producers)
 
     @torch.no_grad()
-    def forward_sequential(self, tokens) -> torch.Tensor:
-        """Token by token (exact).  Returns logits [len(tokens), vocab]."""
+    def forward_sequential(self, tokens, head: bool = True) -> torch.Tensor:
+        """Token by token (exact).  Returns logits [len(tokens), vocab] (`head=False`: hidden states)."""
         cache = self.new_cache()
         out = []
         for t, tok in enumerate(tokens):
@@ -234,7 +239,7 @@ class ReferenceModel:
             pos = torch.tensor([t])
             for i in range(self.plan.num_layers):
                 h = self._layer(i, h, pos, cache, t)
-            out.append(self._logits(h))
+            out.append(self._out(h, head))
         return torch.cat(out)
 
     def prefill_tol(self, tol: float | None) -> float:
@@ -258,8 +263,9 @@ class ReferenceModel:
 
     @torch.no_grad()
     def forward_chunk(self, tokens, cache: _Cache, passes: int | None = None, tol: float = 0.0,
-                      stats: list | None = None, block: int | None = None) -> torch.Tensor:
-        """Encode one chunk after the tokens already in `cache` (final).  Returns the chunk's logits.
+                      stats: list | None = None, block: int | None = None, head: bool = True) -> torch.Tensor:
+        """Encode one chunk after the tokens already in `cache` (final).  Returns the chunk's logits (`head=False`:
+        its final-norm hidden states).
 
         `block` (default: the server's, `prefill_block`): the chunk is cut at the multiples of `block` (absolute
         positions) and the pieces are encoded one after the other, each a chunk of its own (docs/semantics.md,
@@ -275,8 +281,8 @@ class ReferenceModel:
         start, n = cache.length(), len(tokens)
         if block > 0 and start // block != (start + n - 1) // block:
             cuts = [start] + list(range((start // block + 1) * block, start + n, block)) + [start + n]
-            return torch.cat([self.forward_chunk(tokens[a - start:b - start], cache, passes, tol, stats, block=0)
-                              for a, b in zip(cuts, cuts[1:])])
+            return torch.cat([self.forward_chunk(tokens[a - start:b - start], cache, passes, tol, stats, block=0,
+                                                 head=head) for a, b in zip(cuts, cuts[1:])])
         if passes is None:
             passes = max(len(tokens), 1) if self.plan.use_sequential else self.plan.num_passes
         if self.plan.use_sequential:
@@ -322,7 +328,7 @@ class ReferenceModel:
                 first = first + int(moved[0]) if moved.numel() else n
             if stats is not None:
                 stats.append((used, last))
-        return self._logits(h)
+        return self._out(h, head)
 
     def _chunk_kv(self, cache: _Cache, producers, start: int, n: int) -> torch.Tensor:
         """The chunk's K/V of `producers`: `[P, n, 2 * nkv * hd]`."""
@@ -342,11 +348,11 @@ class ReferenceModel:
         return self.forward_chunk(tokens, self.new_cache(), passes, tol, block=0)
 
     def forward_chunked(self, tokens, chunk_sizes, passes: int | None = None, tol: float = 0.0,
-                        block: int | None = None) -> torch.Tensor:
+                        block: int | None = None, head: bool = True) -> torch.Tensor:
         cache = self.new_cache()
         out, i = [], 0
         for size in chunk_sizes:
-            out.append(self.forward_chunk(tokens[i:i + size], cache, passes, tol, block=block))
+            out.append(self.forward_chunk(tokens[i:i + size], cache, passes, tol, block=block, head=head))
             i += size
         assert i == len(tokens), "chunk sizes must cover the tokens"
         return torch.cat(out)

@@ -61,7 +61,8 @@ REFUSED = [  # (preset, engine arguments, words the message must contain)
      ["enable_lora with tensor_parallel_size=2", "LCKV_ALLOW_UNTESTED=lora-combined"]),
     ("tiny-w2", dict(enable_lora=True, hf_overrides=STREAMING), ["enable_lora", "streaming", "merge the adapter"]),
     ("tiny-w2", dict(quantization="fp8"), ["quantization='fp8'", "unquantized"]),
-    ("tiny-w2", dict(convert="embed"), ["convert='embed'", "for generation"]),
+    ("tiny-w2", dict(convert="classify"), ["convert='classify'", "reward head"]),
+    ("tiny-w2", dict(runner="pooling", hf_overrides=STREAMING), ["convert='embed'", "LCKV_ALLOW_UNTESTED=pooling"]),
     ("tiny-w2", dict(data_parallel_size=2), ["data_parallel_size=2", "LCKV_ALLOW_UNTESTED=data-parallel"]),
     ("tiny-w2", dict(kv_offloading_size=1.0), ["kv_offloading_size=1.0", "LCKV_ALLOW_UNTESTED=kv-offloading"]),
     ("tiny-w2", dict(kv_sharing_fast_prefill=True), ["kv_sharing_fast_prefill"]),
@@ -177,6 +178,26 @@ def test_prompt_embeds_equal_the_token_prompt(engine, model_dir, preset):
         got = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]
         assert max(abs(a - b) for a, b in zip(got, logprobs)) < 1e-4, preset
     assert generate(engine(preset), prompts) == want  # enabling the switch changes nothing for token prompts
+
+
+@pytest.mark.parametrize("preset,pooler", [("tiny-w2", None), ("tiny-cla", None), ("tiny-identity", "MEAN"),
+                                           ("tiny-yoco", None)])
+def test_embeddings_equal_the_reference(engine, model_dir, preset, pooler):
+    """`LLM.embed` (vLLM's pooling runner over the model): the pooled, normalized final-norm hidden states of the
+    reference encoding of the prompt (the server's prefill semantics: adaptive passes and blocks)."""
+    import torch
+    from vllm.inputs import TokensPrompt
+
+    kw = {"pooler_config": {"seq_pooling_type": pooler}} if pooler else {}
+    llm = engine(preset, runner="pooling", **kw)
+    ref = ReferenceModel(model_dir(preset))
+    prompts = [random_prompt(n, seed) for seed, n in ((11, 5), (12, 40), (13, 90))]
+    outs = llm.embed([TokensPrompt(prompt_token_ids=p) for p in prompts], use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        h = ref.forward_chunked(p, [len(p)], tol=ref.prefill_tol(None), head=False)
+        want = torch.nn.functional.normalize(h.mean(0) if pooler == "MEAN" else h[-1], dim=0)
+        got = torch.tensor(o.outputs.embedding, dtype=torch.float64)
+        assert got.shape == want.shape and float((got - want).abs().max()) < 1e-4, (preset, len(p))
 
 
 def test_model_dtype_named_as_kv_dtype_is_auto(model_dir):

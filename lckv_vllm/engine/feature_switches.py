@@ -88,11 +88,21 @@ def quantization(cfg) -> str | None:
     return None if q is None else f"quantization={q!r}"
 
 
-def pooling(cfg) -> str | None:
+def _pooling(cfg) -> str | None:
     mc = cfg.model_config
     if mc.runner_type == "pooling" or mc.convert_type not in (None, "none"):
         return f"runner={mc.runner_type!r} convert={mc.convert_type!r}"
     return None
+
+
+def pooling(cfg) -> str | None:
+    """Embeddings: a pooling runner over the model's hidden states (`--runner pooling` resolves to convert 'embed')."""
+    return _pooling(cfg) if cfg.model_config.convert_type == "embed" else None
+
+
+def pooling_other(cfg) -> str | None:
+    """Pooling conversions that add a head (classify, reward, ...)."""
+    return _pooling(cfg) if cfg.model_config.convert_type != "embed" else None
 
 
 def sleep_mode(cfg) -> str | None:

@@ -27,7 +27,7 @@ from ..settings import ALLOW_UNTESTED_ENV, Settings
 from .feature_switches import (SPEC_DRAFT, SPEC_NGRAM, SPEC_UNTESTED, async_scheduling, attention_backend,
                                data_parallel, fast_prefill, kv_cache_dtype, kv_cache_fp8, kv_fp8_parallel,
                                kv_offloading, kv_skip_layers, lora, lora_combined, other_connector, pipeline_parallel,
-                               pooling, prompt_embeds, quantization, sleep_mode, speculative, storage_connector,
+                               pooling, pooling_other, prompt_embeds, quantization, sleep_mode, speculative, storage_connector,
                                storage_connector_tp, tensor_parallel)
 
 PLAN_KINDS = ("cyclic", "acyclic", "identity", "windowed", "streaming")
@@ -188,9 +188,18 @@ FEATURES: tuple[Feature, ...] = (
                                         "windowed-page plans only")),
         instead="send token prompts", tests="tests/test_features.py", detect=prompt_embeds),
     Feature(
-        "pooling", "pooling / embeddings (`--runner pooling`, `--convert embed`, `LLM.embed`)",
-        _all("refused", "the pooled vectors of an LCKV plan are not checked against a reference"),
-        instead="serve the model for generation", detect=pooling),
+        "pooling", "embeddings (`--runner pooling` / `--convert embed`, `LLM.embed`, vLLM's /v1/embeddings)",
+        _all("exact", "vLLM's pooler over the final-norm hidden states (last token by default, normalized): equals "
+                      "the reference's",
+             cyclic=Cell("bound", "the pooled hidden states come from the iterative prompt encoding (adaptive "
+                                  "passes: within the prefill tolerance of m+b passes), as prompt logprobs do"),
+             streaming=Cell("untested", "the suite pools cyclic, acyclic, identity and windowed-page plans only")),
+        instead="serve the model for generation", tests="tests/test_features.py", detect=pooling),
+    Feature(
+        "pooling-other", "other pooling conversions (`--convert classify`, `reward`, ...)",
+        _all("refused", "they add a classification or reward head that LCKV checkpoints do not have"),
+        instead="serve embeddings (--runner pooling) or generation", tests="tests/test_features.py",
+        detect=pooling_other),
     Feature(
         "sleep-mode", "sleep mode (`--enable-sleep-mode`)",
         _all("untested", "vLLM's sleep mode runs on CUDA only; never run with an LCKV plan"),

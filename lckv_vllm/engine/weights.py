@@ -139,6 +139,8 @@ def _set_scales(model, scales: dict[int, list[float]], start: int, end: int) -> 
 
 
 def _present(module) -> bool:
-    from vllm.model_executor.models.utils import PPMissingLayer
+    """False for a part this model does not hold: another pipeline stage's, or the LM head of a pooling model
+    (vLLM's pooling adapter builds the model with `StageMissingLayer` in its place)."""
+    from vllm.model_executor.models.utils import PPMissingLayer, StageMissingLayer
 
-    return not isinstance(module, PPMissingLayer)
+    return not isinstance(module, (PPMissingLayer, StageMissingLayer))
