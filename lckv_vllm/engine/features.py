@@ -27,8 +27,8 @@ from ..settings import ALLOW_UNTESTED_ENV, Settings
 from .feature_switches import (SPEC_DRAFT, SPEC_NGRAM, SPEC_UNTESTED, async_scheduling, attention_backend,
                                data_parallel, fast_prefill, kv_cache_dtype, kv_cache_fp8, kv_fp8_parallel,
                                kv_offloading, kv_skip_layers, lora, lora_combined, other_connector, pipeline_parallel,
-                               pooling, pooling_other, prompt_embeds, quantization, sleep_mode, speculative, storage_connector,
-                               storage_connector_tp, tensor_parallel)
+                               pooling, pooling_other, prompt_embeds, quantization, sleep_mode, speculative,
+                               storage_connector, storage_connector_tp, tensor_parallel)
 
 PLAN_KINDS = ("cyclic", "acyclic", "identity", "windowed", "streaming")
 KIND_TITLES = {
