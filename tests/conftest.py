@@ -73,7 +73,8 @@ def engine(model_dir):
     yield get
     # Shutting an in-process engine down costs 1-2 s (vLLM collects garbage several times on the way), minutes for
     # the dozens of engines a run caches, and the process exits right after: leave them to the exit.  An engine
-    # with worker processes keeps its shutdown (its workers must not outlive the run).
+    # with worker processes keeps its shutdown (its workers must not outlive the run).  At exit Triton's nanobind
+    # then lists "leaked" functions of those engines' kernels: harmless, the process is ending.
     for llm in cache.values():
         client = llm.llm_engine.engine_core
         if type(client).__name__ == "InprocClient" and getattr(client, "_finalizer", None) is not None:
