@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -227,8 +228,9 @@ def checks(results: dict) -> dict:
         c = {}
         b = best_routed(results, s, "identity")
         if b and ident:
+            # the paper states its "< 2 %" for the loss; log-perplexity is the mean held-out loss in nats
             c["a"] = {"best_routed": b[0], "routed_ppl": b[1], "identity_ppl": ident, "rel": b[1] / ident - 1,
-                      "pass": b[1] <= 1.02 * ident}
+                      "loss_rel": math.log(b[1]) / math.log(ident) - 1, "pass": b[1] <= 1.02 * ident}
         b = best_routed(results, s, "cla-2")
         if b and cla2:
             c["b"] = {"best_routed": b[0], "routed_ppl": b[1], "cla2_trained_ppl": cla2, "rel": b[1] / cla2 - 1,
@@ -315,7 +317,8 @@ def write_outputs(results: dict, dest: Path) -> None:
         lines.append("")
         a = c.get("a")
         lines.append(f"- (a) best routed vs identity at 100 %, within 2 %: {_yes(a and a['pass'])}" + (
-            f" -- {a['best_routed']} {a['routed_ppl']:.2f} vs {a['identity_ppl']:.2f} ({a['rel']:+.1%})" if a else ""))
+            f" -- {a['best_routed']} {a['routed_ppl']:.2f} vs {a['identity_ppl']:.2f} ({a['rel']:+.1%}; mean "
+            f"held-out loss {a['loss_rel']:+.1%}, the paper's measure)" if a else ""))
         b = c.get("b")
         lines.append(f"- (b) at 50 %, best routed vs CLA-2-trained within 5 %: {_yes(b and b['pass'])}" + (
             f" -- {b['best_routed']} {b['routed_ppl']:.2f} vs {b['cla2_trained_ppl']:.2f} ({b['rel']:+.1%})"
