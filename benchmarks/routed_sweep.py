@@ -17,6 +17,8 @@ held-out tokens in windows of 256 (`lckv-vllm quality`, float32 KV).  The models
 
   identity        p = 0 (every layer its own K/V)         routed-p0.25 / p0.5 / p0.6 / p0.75   --route-prob p
   cla-2           trained as `0_0_2_2_4_4`                  cla-4        trained as `0_0_0_0_4_4`
+  every-p0.75     the project's variant (`--route-rule keep-every --route-prob 0.75`): each step is the identity or
+                  one of the deploy patterns cla-2/3/4, each a quarter of the steps
 
 on two schedules, "short" (train_shakespeare.py's: 500 steps x 8 x 256 tokens, lr 2e-3, warm-up 30, cosine to 10 %)
 and "long" (data-constrained: ~4 epochs of the training split, same batch, lr and schedule shape, warm-up 6 % of the
@@ -66,7 +68,12 @@ DEPLOY = {"identity": (IDENTITY, "100 %"), "cla-2": ("0_0_2_2_4_4", "50 %"), "cl
 # name -> (kind, route probability, trained plan)
 MODELS = {"identity": ("identity", 0.0, IDENTITY),
           **{f"routed-p{p:g}": ("routed", p, IDENTITY) for p in (0.25, 0.5, 0.6, 0.75)},
+          "every-p0.75": ("routed", 0.75, IDENTITY),  # the project's variant: RULE below
           "cla-2": ("pattern", 0.0, DEPLOY["cla-2"][0]), "cla-4": ("pattern", 0.0, DEPLOY["cla-4"][0])}
+# `lckv-vllm train --route-rule` of a routed model (default "uniform", the paper's): "keep-every" routes a step, with
+# probability p, through one of the deploy patterns cla-2/3/4 instead of a uniformly drawn earlier layer per layer;
+# p = 0.75 gives each retention (100/50/33/25 %) a quarter of the steps
+RULE = {"every-p0.75": "keep-every"}
 FINETUNES = {"routed-p0.6": 0.6, "control": 0.0}  # from short/identity
 EPOCHS = 4  # the long schedule's passes over the training split
 
@@ -113,7 +120,8 @@ def schedules(n_train: int, scale: float) -> dict:
 
 # The long schedule trains in the order that answers the checks soonest (a run is ~25 min on 2 cores): the lowest
 # probability (the best hope for "within 2 % at 100 %"), then each pattern-trained baseline after a routed model.
-LONG_ORDER = ("identity", "routed-p0.25", "cla-2", "routed-p0.5", "cla-4", "routed-p0.6", "routed-p0.75")
+LONG_ORDER = ("identity", "routed-p0.25", "cla-2", "routed-p0.5", "cla-4", "every-p0.75", "routed-p0.6",
+              "routed-p0.75")
 
 
 def plan_runs(sched: dict) -> dict:
@@ -124,6 +132,7 @@ def plan_runs(sched: dict) -> dict:
                   else {n: MODELS[n] for n in LONG_ORDER} if schedule == "long" else MODELS)
         for name, (kind, p, lt) in models.items():
             runs[f"{schedule}/{name}"] = {"schedule": schedule, "model": name, "kind": kind, "route_prob": p,
+                                          "route_rule": RULE.get(name, "uniform"),
                                           "layer_types": lt, "source": "short/identity" if schedule == "ft" else "init",
                                           "hparams": sched[schedule]}
     return runs
@@ -150,7 +159,8 @@ def train_run(name: str, run: dict, init: Path, train_txt: Path, held_txt: Path)
     log(f"{name}: training {'(resumed) ' if resume else ''}{h['steps']} steps, p = {run['route_prob']:g}, "
         f"plan {run['layer_types']}")
     cmd = CLI + ["train", src, "--out", out, "--text", train_txt, "--held-out", held_txt,
-                 "--layer-types", run["layer_types"], "--route-prob", run["route_prob"], "--steps", h["steps"],
+                 "--layer-types", run["layer_types"], "--route-prob", run["route_prob"],
+                 "--route-rule", run["route_rule"], "--steps", h["steps"],
                  "--batch", h["batch"], "--seq-len", h["seq_len"], "--lr", h["lr"], "--warmup", h["warmup"],
                  "--seed", h["seed"], "--eval-every", h["eval_every"], "--save-every", h["save_every"],
                  "--save-dtype", "bfloat16", *resume]
@@ -195,7 +205,7 @@ def run_result(run: dict, rep: dict, rows: dict, n_train: int) -> dict:
     if estimated and rates:
         seconds += (h["steps"] - covered) * BATCH * SEQ / (sum(rates) / len(rates))
     curve = [{"step": e["step"], "held_out_loss": e["held_out_loss"]} for e in rep["history"] if "held_out_loss" in e]
-    return {**{k: run[k] for k in ("schedule", "model", "kind", "route_prob", "layer_types", "source")},
+    return {**{k: run[k] for k in ("schedule", "model", "kind", "route_prob", "route_rule", "layer_types", "source")},
             "hparams": h, "train_tokens_seen": h["steps"] * BATCH * SEQ,
             "epochs": round(h["steps"] * BATCH * SEQ / n_train, 3),
             "train_seconds": round(seconds, 1), "train_seconds_estimated": estimated,
@@ -291,7 +301,8 @@ def write_outputs(results: dict, dest: Path) -> None:
     lines += ["", f"| model | trained as | train time | final held-out loss | {head} |",
               "| --- | --- | ---: | ---: |" + " ---: |" * len(DEPLOY)]
     for n, r in runs.items():
-        how = (f"p = {r['route_prob']:g}" if r["kind"] in ("routed", "finetune") and r["route_prob"] else
+        how = (f"p = {r['route_prob']:g}" + (f", {r['route_rule']}" if r.get("route_rule", "uniform") != "uniform"
+                                              else "") if r["kind"] in ("routed", "finetune") and r["route_prob"] else
                ("no routing" if r["kind"] != "pattern" else f"`{r['layer_types']}`"))
         if r["kind"] == "finetune":
             how = f"short/identity + {r['hparams']['steps']} steps, {how}"
@@ -359,13 +370,16 @@ def plot(results: dict, path: Path) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2))
     xs = {p: i for i, p in enumerate(DEPLOY)}
     cmap = plt.get_cmap("viridis")
-    probs = sorted({r["route_prob"] for r in runs.values() if r["kind"] in ("identity", "routed")})
+    probs = sorted({r["route_prob"] for r in runs.values() if r["kind"] in ("identity", "routed")
+                    and r.get("route_rule", "uniform") == "uniform"})
 
     def color(r):
         if r["kind"] == "finetune":
             return "tab:red" if r["route_prob"] else "tab:gray"
         if r["kind"] == "pattern":
             return "tab:orange" if r["model"] == "cla-2" else "tab:brown"
+        if r.get("route_rule", "uniform") != "uniform":
+            return "tab:pink"
         return cmap(probs.index(r["route_prob"]) / max(1, len(probs) - 1) * 0.9)
 
     for n, r in runs.items():

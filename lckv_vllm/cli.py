@@ -3,7 +3,7 @@
   lckv-vllm plan <model dir | layer_types> [--num-layers N] [--kv-heads K --head-dim D --dtype-bytes B]
   lckv-vllm plan MODEL --budget-gib X --context N [--concurrency C] [--calibrate TEXTFILE]
                                           deploy-time patterns that fit a KV budget, and the override to serve one
-  lckv-vllm train MODEL --out DIR --text FILE [--layer-types STR] [--steps N] [--route-prob P] [--resume] ...
+  lckv-vllm train MODEL --out DIR --text FILE [--layer-types STR] [--steps N] [--route-prob P [--route-rule R]] ...
                                           train / fine-tune on a text (the paper's parallel iterative training)
   lckv-vllm make-tokenizer --text FILE --vocab-size N --out DIR   byte-level BPE for models trained from scratch
   lckv-vllm quality MODEL [--layer-types STR ...] --text FILE [--max-tokens N]
@@ -142,7 +142,8 @@ def _cmd_train(args) -> int:
         held = Path(args.held_out).read_text(encoding="utf-8", errors="replace") if args.held_out else None
         report = train(args.model, args.out, text, layer_types=args.layer_types, steps=args.steps, batch=args.batch,
                        seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, route_prob=args.route_prob,
-                       seed=args.seed, eval_every=args.eval_every, held_out_text=held, save_every=args.save_every,
+                       route_rule=args.route_rule, seed=args.seed, eval_every=args.eval_every, held_out_text=held,
+                       save_every=args.save_every,
                        resume=args.resume, stop_after=args.stop_after, device=args.device, save_dtype=args.save_dtype,
                        progress=not args.no_progress)
     except (OSError, ValueError, LayerPlanError) as e:
@@ -319,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--route-prob", type=float, default=0.0, metavar="P",
                     help="random cross-layer routing (identity plans): per training step, each layer i>0 "
                          "independently reads, with probability p, the K/V of a layer drawn uniformly from "
-                         "0..i-1, else its own (default 0: no routing)")
+                         "0..i-1, else its own (default 0: no routing); with --route-rule keep-every: the "
+                         "probability that a step uses a deploy pattern instead of the identity")
+    sp.add_argument("--route-rule", default="uniform", choices=("uniform", "keep-every"),
+                    help="uniform (default; stochastic KV routing, arXiv 2604.22782): as above.  keep-every: a "
+                         "routed step uses the deploy rule 'keep every k-th layer, the others read the nearest kept "
+                         "layer below' with k drawn uniformly from 2..4 (the patterns `lckv-vllm plan` offers)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (and at the end)")
     sp.add_argument("--held-out", metavar="TEXTFILE", help="held-out text (default: the last 10 %% of --text)")

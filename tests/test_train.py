@@ -43,6 +43,23 @@ def test_sample_routing_only_reads_preceding_layers():
     assert all(j < i for i, j in enumerate(sample_routing(8, 1.0, rng)) if i > 0)
 
 
+def test_keep_every_routing_draws_only_the_deploy_patterns():
+    """--route-rule keep-every: a routed step is one of cla-2/3/4 (each layer reads the nearest kept layer below),
+    each drawn about equally often, and the identity in about 1 - p of the steps; unknown rules are refused."""
+    from collections import Counter
+
+    rng = random.Random(0)
+    cla = {k: [i - i % k for i in range(6)] for k in (2, 3, 4)}
+    seen = Counter(tuple(sample_routing(6, 0.75, rng, "keep-every")) for _ in range(4000))
+    assert set(seen) == {tuple(range(6)), *map(tuple, cla.values())}
+    assert abs(seen[tuple(range(6))] / 4000 - 0.25) < 0.03
+    assert all(abs(seen[tuple(c)] / 4000 - 0.25) < 0.03 for c in cla.values())
+    assert sample_routing(3, 1.0, rng, "keep-every") == [0, 0, 2]  # k < num_layers: only k = 2 fits 3 layers
+    assert sample_routing(6, 0.0, rng, "keep-every") == list(range(6))
+    with pytest.raises(ValueError, match="--route-rule: 'nearest'"):
+        sample_routing(6, 0.5, rng, "nearest")
+
+
 @pytest.mark.parametrize("preset", ["tiny-w2", "tiny-cla"])
 def test_a_few_steps_lower_the_loss(model_dir, preset):
     torch.manual_seed(0)
@@ -109,6 +126,10 @@ def test_resume_refuses_changed_hyperparameters(model_dir, tmp_path):
     train(model_dir("tiny-identity"), tmp_path / "o", TEXT, stop_after=1, **kw)
     with pytest.raises(ValueError, match="--resume: batch was 2, now 3"):
         train(model_dir("tiny-identity"), tmp_path / "o", TEXT, resume=True, **dict(kw, batch=3))
+    with pytest.raises(ValueError, match="--resume: route_prob was 0.0, now 0.5, route_rule was 'uniform', now "
+                                         "'keep-every'"):
+        train(model_dir("tiny-identity"), tmp_path / "o", TEXT, resume=True,
+              **dict(kw, route_prob=0.5, route_rule="keep-every"))
     with pytest.raises(ValueError, match="--resume: .* does not exist"):
         train(model_dir("tiny-identity"), tmp_path / "none", TEXT, resume=True, **kw)
 
@@ -121,7 +142,8 @@ def test_random_routing_needs_an_identity_plan(model_dir, tmp_path):
               progress=False)
 
 
-def test_routed_training_sees_only_acyclic_routings(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rule", ["uniform", "keep-every"])
+def test_routed_training_sees_only_acyclic_routings(model_dir, tmp_path, monkeypatch, rule):
     """Every routing the loop trains with reads the layer itself or a preceding one, and some read another layer."""
     import lckv_vllm.tools.train as tr
 
@@ -133,8 +155,9 @@ def test_routed_training_sees_only_acyclic_routings(model_dir, tmp_path, monkeyp
         return real(model, opt, tokens, routing)
 
     monkeypatch.setattr(tr, "train_step", spy)
-    tr.train(model_dir("tiny-identity"), tmp_path / "o", TEXT, route_prob=0.5, steps=6, batch=1, seq_len=16,
-             warmup=1, progress=False)
+    rep = tr.train(model_dir("tiny-identity"), tmp_path / "o", TEXT, route_prob=0.5, route_rule=rule, steps=6,
+                   batch=1, seq_len=16, warmup=1, progress=False)
+    assert rep["route_rule"] == rule
     assert len(seen) == 6 and all(r[0] == 0 and all(j <= i for i, j in enumerate(r)) for r in seen)
     assert any(j < i for r in seen for i, j in enumerate(r))
 

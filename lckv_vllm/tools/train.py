@@ -135,11 +135,27 @@ class TrainableLCKV(nn.Module):
         return self._norm(h, "model.norm.weight") @ self.p("lm_head.weight").T
 
 
-def sample_routing(num_layers: int, p: float, rng: random.Random) -> list[int]:
-    """Random cross-layer routing: each layer i > 0 independently reads, with probability `p`, the K/V of a layer
-    drawn uniformly from 0..i-1, else its own (layer 0 always its own).  `train` draws one per training step: one
-    forward pass, the same routing for the whole batch."""
-    return [rng.randrange(i) if i > 0 and rng.random() < p else i for i in range(num_layers)]
+ROUTE_RULES = ("uniform", "keep-every")
+
+
+def sample_routing(num_layers: int, p: float, rng: random.Random, rule: str = "uniform") -> list[int]:
+    """Random cross-layer routing, one per training step (one forward pass, the same routing for the whole batch).
+
+    "uniform" (stochastic KV routing, arXiv 2604.22782): each layer i > 0 independently reads, with probability
+    `p`, the K/V of a layer drawn uniformly from 0..i-1, else its own (layer 0 always its own).
+    "keep-every" (this project's variant): with probability `p` the step uses one pattern of the deploy rule "keep
+    every k-th layer, the others read the nearest kept layer below", k drawn uniformly from 2..4 (k < num_layers),
+    else the identity.  Uniform routing spreads training over all acyclic routings, most of which no deployment
+    uses; this one trains exactly the patterns `lckv-vllm plan` offers (cla-2/3/4)."""
+    if rule == "uniform":
+        return [rng.randrange(i) if i > 0 and rng.random() < p else i for i in range(num_layers)]
+    if rule == "keep-every":
+        ks = [k for k in (2, 3, 4) if k < num_layers]
+        if not ks or rng.random() >= p:
+            return list(range(num_layers))
+        k = rng.choice(ks)
+        return [i - i % k for i in range(num_layers)]
+    raise ValueError(f"--route-rule: {rule!r} is not one of {', '.join(ROUTE_RULES)}")
 
 
 def train_step(model: TrainableLCKV, opt: torch.optim.Optimizer, tokens: torch.Tensor,
@@ -164,7 +180,7 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
 # ---- the training loop ---------------------------------------------------------------------------------------------
 STATE_FILE = "train_state.pt"
 # What a resumed run must share with the run that wrote the state (anything else would silently change the run).
-RESUME_FIELDS = ("layer_types", "steps", "batch", "seq_len", "lr", "warmup", "route_prob", "seed")
+RESUME_FIELDS = ("layer_types", "steps", "batch", "seq_len", "lr", "warmup", "route_prob", "route_rule", "seed")
 
 
 def save_checkpoint(model: TrainableLCKV, src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
@@ -205,14 +221,15 @@ def _save_state(path: Path, **state) -> None:
 
 def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str | None = None, steps: int = 100,
           batch: int = 8, seq_len: int = 128, lr: float = 1e-3, warmup: int = 10, route_prob: float = 0.0,
-          seed: int = 0, eval_every: int = 0, held_out_text: str | None = None, save_every: int = 0,
-          resume: bool = False, stop_after: int | None = None, device: str | None = None, save_dtype: str = "float32",
-          progress: bool = True) -> dict:
+          route_rule: str = "uniform", seed: int = 0, eval_every: int = 0, held_out_text: str | None = None,
+          save_every: int = 0, resume: bool = False, stop_after: int | None = None, device: str | None = None,
+          save_dtype: str = "float32", progress: bool = True) -> dict:
     """Train (or fine-tune) `model_dir` on `text` and save the checkpoint to `out`.
 
     Held-out loss: on `held_out_text` if given, else on the last 10 % of `text` (then not trained on).
     `layer_types` replaces the checkpoint's plan (e.g. an identity checkpoint trained into LCKV w2); `route_prob`
-    > 0 trains with random cross-layer routing (the checkpoint's plan must be the identity).  `save_every` N writes
+    > 0 trains with random cross-layer routing drawn by `route_rule` (`sample_routing`; the checkpoint's plan must
+    be the identity).  `save_every` N writes
     `out/train_state.pt` (weights, AdamW state, step, RNG states, history) every N steps; `resume` continues from it
     with the same hyperparameters; `stop_after` N ends this run after N steps (state and checkpoint saved: for
     time-limited machines, continue with `resume`).  `device`: "cpu", "cuda", ... (default: cuda when present).
@@ -240,6 +257,8 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
         raise ValueError(f"--save-dtype: {save_dtype!r} is not float32, bfloat16 or float16")
     if not 0 <= route_prob <= 1:
         raise ValueError(f"--route-prob: {route_prob} is not a probability")
+    if route_rule not in ROUTE_RULES:
+        raise ValueError(f"--route-rule: {route_rule!r} is not one of {', '.join(ROUTE_RULES)}")
     model = TrainableLCKV(model_dir, plan).to(device)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     ids = torch.tensor(tok.encode(text))
@@ -253,7 +272,7 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
                          f"--seq-len {seq_len}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     hparams = {"layer_types": plan.layer_types, "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
-               "warmup": warmup, "route_prob": route_prob, "seed": seed}
+               "warmup": warmup, "route_prob": route_prob, "route_rule": route_rule, "seed": seed}
     history: list[dict] = []
     first = 0
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -263,10 +282,10 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
             raise ValueError(f"--resume: {state_path} does not exist (train with --save-every first)")
         # on the CPU: the RNG state must stay a CPU tensor; load_state_dict moves weights and AdamW moments to `device`
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        bad = [f for f in RESUME_FIELDS if state["hparams"][f] != hparams[f]]
+        was = {"route_rule": "uniform", **state["hparams"]}  # states written before the rule existed were uniform
+        bad = [f for f in RESUME_FIELDS if was[f] != hparams[f]]
         if bad:
-            raise ValueError("--resume: " + ", ".join(f"{f} was {state['hparams'][f]!r}, now {hparams[f]!r}"
-                                                     for f in bad))
+            raise ValueError("--resume: " + ", ".join(f"{f} was {was[f]!r}, now {hparams[f]!r}" for f in bad))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         rng.setstate(state["rng"])
@@ -298,7 +317,8 @@ def train(model_dir: str | Path, out: str | Path, text: str, *, layer_types: str
             group["lr"] = cosine_lr(step, steps, warmup, lr)
         starts = [rng.randrange(len(train_ids) - seq_len) for _ in range(batch)]
         tokens = torch.stack([train_ids[s:s + seq_len] for s in starts]).to(device)
-        routing = sample_routing(plan.num_layers, route_prob, route_rng) if route_prob > 0 else None
+        routing = (sample_routing(plan.num_layers, route_prob, route_rng, route_rule) if route_prob > 0
+                   else None)
         loss = train_step(model, opt, tokens, routing)
         entry = {"step": step + 1, "loss": loss}
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
