@@ -132,6 +132,9 @@ def test_train_and_tokenizer_errors_name_the_field(model_dir, tmp_path):
     r = run("train", str(model_dir("tiny-identity")), "--out", str(tmp_path / "o"), "--text", str(text),
             "--route-prob", "1.5")
     assert r.returncode == 2 and "--route-prob" in r.stderr
+    r = run("train", str(model_dir("tiny-identity")), "--out", str(tmp_path / "o"), "--text", str(text),
+            "--route-prob", "0.5", "--route-rule", "nearest")
+    assert r.returncode == 2 and "--route-rule" in r.stderr and "keep-every" in r.stderr
     r = run("make-model", "--layer-types", "0_1", "--num-layers", "2", "--tokenizer", str(tmp_path / "nowhere"),
             "--out", str(tmp_path / "m"))
     assert r.returncode == 2 and "tokenizer" in r.stderr
