@@ -367,7 +367,7 @@ def plot(results: dict, path: Path) -> None:
     plt = pyplot()
 
     runs = results["runs"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 6.6))
     xs = {p: i for i, p in enumerate(DEPLOY)}
     cmap = plt.get_cmap("viridis")
     probs = sorted({r["route_prob"] for r in runs.values() if r["kind"] in ("identity", "routed")
@@ -396,7 +396,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("held-out perplexity (through vLLM)")
     ax.set_title("perplexity vs retention (solid: short, dashed: long, dotted: fine-tunes)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6.5, ncol=2)
+    ax.legend(fontsize=6.5, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: the curves fill the box
     shown = "long" if any(r["schedule"] == "long" for r in runs.values()) else "short"
     for n, r in runs.items():
         if r["schedule"] == shown and r["held_out_history"]:
