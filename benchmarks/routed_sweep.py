@@ -20,13 +20,15 @@ held-out tokens in windows of 256 (`lckv-vllm quality`, float32 KV).  The models
   every-p0.75     the project's variant (`--route-rule keep-every --route-prob 0.75`): each step is the identity or
                   one of the deploy patterns cla-2/3/4, each a quarter of the steps
 
-on two schedules, "short" (train_shakespeare.py's: 500 steps x 8 x 256 tokens, lr 2e-3, warm-up 30, cosine to 10 %)
-and "long" (data-constrained: ~4 epochs of the training split, same batch, lr and schedule shape, warm-up 6 % of the
-steps, held-out loss every 100 steps so overfitting shows); plus two fine-tunes of the short identity model, 150 steps
+on three schedules, "short" (train_shakespeare.py's: 500 steps x 8 x 256 tokens, lr 2e-3, warm-up 30, cosine to
+10 %), "long" (data-constrained: ~4 epochs of the training split, same batch, lr and schedule shape, warm-up 6 % of the
+steps, held-out loss every 100 steps so overfitting shows) and "long8" (the same with ~8 epochs, for the models the
+checks need: from short to long every gap to the identity and pattern-trained models shrank several-fold, so long8
+asks whether the remaining gaps are the budget's; ~46 min a run, so it spans sessions); plus two fine-tunes of the short identity model, 150 steps
 at lr 5e-4 (warm-up 10, seed 1): with routing p = 0.6 and, as a control, without.  Each finished model is evaluated
 at once: identity/routed/fine-tuned models under the four deploy patterns, the pattern-trained ones under their own.
 
-Order: the short schedule for all models, the fine-tunes, then the long schedule.  Every training is a resumable
+Order: the short schedule for all models, the fine-tunes, then the long schedules (LONG_ORDER).  Every training is a resumable
 `lckv-vllm train ... --save-every 50 --resume` subprocess and every evaluation is cached next to its model
 (models/routed_sweep/<schedule>/<model>/quality.json), so a rerun continues where a killed one stopped; the JSON,
 table and plot are rewritten after every finished model.  The table adds its quality checks (docs/training.md): (a) best
@@ -75,7 +77,7 @@ MODELS = {"identity": ("identity", 0.0, IDENTITY),
 # p = 0.75 gives each retention (100/50/33/25 %) a quarter of the steps
 RULE = {"every-p0.75": "keep-every"}
 FINETUNES = {"routed-p0.6": 0.6, "control": 0.0}  # from short/identity
-EPOCHS = 4  # the long schedule's passes over the training split
+EPOCHS = {"long": 4, "long8": 8}  # the long schedules' passes over the training split
 
 
 def log(msg: str) -> None:
@@ -103,10 +105,11 @@ def train_tokens(init: Path, train_txt: Path) -> dict:
 
 def schedules(n_train: int, scale: float) -> dict:
     """The three schedules' `lckv-vllm train` hyperparameters; `scale` < 1 shrinks steps (smoke runs)."""
-    long_steps = round(EPOCHS * n_train / (BATCH * SEQ) / 100) * 100
     base = {"short": dict(steps=500, lr=2e-3, warmup=30, eval_every=50, seed=0),
-            "ft": dict(steps=150, lr=5e-4, warmup=10, eval_every=25, seed=1),
-            "long": dict(steps=long_steps, lr=2e-3, warmup=round(30 / 500 * long_steps), eval_every=100, seed=0)}
+            "ft": dict(steps=150, lr=5e-4, warmup=10, eval_every=25, seed=1)}
+    for name, epochs in EPOCHS.items():
+        steps = round(epochs * n_train / (BATCH * SEQ) / 100) * 100
+        base[name] = dict(steps=steps, lr=2e-3, warmup=round(30 / 500 * steps), eval_every=100, seed=0)
     out = {}
     for name, h in base.items():
         s = dict(h, batch=BATCH, seq_len=SEQ, save_every=50)
@@ -118,18 +121,21 @@ def schedules(n_train: int, scale: float) -> dict:
     return out
 
 
-# The long schedule trains in the order that answers the checks soonest (a run is ~25 min on 2 cores): the lowest
-# probability (the best hope for "within 2 % at 100 %"), then each pattern-trained baseline after a routed model.
-LONG_ORDER = ("identity", "routed-p0.25", "cla-2", "routed-p0.5", "cla-4", "every-p0.75", "routed-p0.6",
-              "routed-p0.75")
+# The long schedules train in the order that answers the checks soonest (a long run is ~23 min on 2 cores, a long8
+# run ~46): long -- the lowest probability (the best hope for "within 2 % at 100 %"), then each pattern-trained
+# baseline after a routed model; long8 -- only the models of the checks, (b) first (CLA-2-trained and the best routed
+# model at 50 % on long, keep-every p = 0.75), then (a) (identity and the best at 100 %, uniform p = 0.25), then (c).
+LONG_ORDER = {"long": ("identity", "routed-p0.25", "cla-2", "routed-p0.5", "cla-4", "every-p0.75", "routed-p0.6",
+                       "routed-p0.75"),
+              "long8": ("cla-2", "every-p0.75", "identity", "routed-p0.25", "cla-4")}
 
 
 def plan_runs(sched: dict) -> dict:
-    """Run name -> its description, in training order: short, fine-tunes, long."""
+    """Run name -> its description, in training order: short, fine-tunes, long, long8."""
     runs = {}
-    for schedule in ("short", "ft", "long"):
+    for schedule in sched:
         models = ({f"{n}": ("finetune", p, IDENTITY) for n, p in FINETUNES.items()} if schedule == "ft"
-                  else {n: MODELS[n] for n in LONG_ORDER} if schedule == "long" else MODELS)
+                  else {n: MODELS[n] for n in LONG_ORDER[schedule]} if schedule in LONG_ORDER else MODELS)
         for name, (kind, p, lt) in models.items():
             runs[f"{schedule}/{name}"] = {"schedule": schedule, "model": name, "kind": kind, "route_prob": p,
                                           "route_rule": RULE.get(name, "uniform"),
@@ -228,10 +234,13 @@ def best_routed(results: dict, schedule: str, pattern: str) -> tuple[str, float]
     return min(got, key=lambda g: g[1]) if got else None
 
 
+CHECKED = ("short", "long", "long8")  # the schedules the checks (a)-(c) compare within
+
+
 def checks(results: dict) -> dict:
     """The quality checks (a)-(d) of the module docstring, per schedule; None where a model is still missing."""
     out = {}
-    for s in ("short", "long"):
+    for s in CHECKED:
         ident, cla2, cla4 = (ppl(results, f"{s}/identity", "identity"), ppl(results, f"{s}/cla-2", "cla-2"),
                              ppl(results, f"{s}/cla-4", "cla-4"))
         ident4 = ppl(results, f"{s}/identity", "cla-4")
@@ -321,8 +330,10 @@ def write_outputs(results: dict, dest: Path) -> None:
             b = min(r["held_out_history"], key=lambda e: e["held_out_loss"])
             lines.append(f"| {n} | {b['held_out_loss']:.4f} ({b['step']}) | {r['final_held_out_loss']:.4f} |")
     lines += ["", "## Done-when checks", ""]
-    for s in ("short", "long"):
+    for s in CHECKED:
         c = chk.get(s, {})
+        if not any(r["schedule"] == s for r in runs.values()):
+            continue
         lines.append(f"**{s} schedule** (same steps, batch, training windows and held-out tokens for every model: "
                      "routing draws from a generator of its own):")
         lines.append("")
@@ -383,10 +394,10 @@ def plot(results: dict, path: Path) -> None:
         return cmap(probs.index(r["route_prob"]) / max(1, len(probs) - 1) * 0.9)
 
     for n, r in runs.items():
-        style = {"short": "-", "long": "--", "ft": ":"}[r["schedule"]]
+        style = {"short": "-", "long": "--", "long8": "-.", "ft": ":"}[r["schedule"]]
         pts = [(xs[p], r["eval"][p]["perplexity"]) for p in DEPLOY if p in r["eval"]]
         if r["kind"] == "pattern":
-            ax.scatter(*zip(*pts), marker="*" if r["schedule"] == "short" else "P", s=160, color=color(r), zorder=3,
+            ax.scatter(*zip(*pts), marker={"short": "*", "long": "P"}.get(r["schedule"], "X"), s=160, color=color(r), zorder=3,
                        label=f"{n} (trained for its pattern)")
         else:
             ax.plot(*zip(*pts), style, marker="o", ms=4, color=color(r), label=n)
@@ -394,10 +405,13 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlabel("KV retention (deploy pattern: keep every k-th layer)")
     ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (through vLLM)")
-    ax.set_title("perplexity vs retention (solid: short, dashed: long, dotted: fine-tunes)", fontsize=9)
+    ax.set_title("perplexity vs retention (solid: short, dashed: long, dash-dot: long8, dotted: fine-tunes)",
+                 fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6.5, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: the curves fill the box
-    shown = "long" if any(r["schedule"] == "long" for r in runs.values()) else "short"
+    # the longest schedule with two runs to compare: its curve shows overfitting, if any
+    shown = next((s for s in ("long8", "long", "short")
+                  if sum(r["schedule"] == s and bool(r["held_out_history"]) for r in runs.values()) >= 2), "short")
     for n, r in runs.items():
         if r["schedule"] == shown and r["held_out_history"]:
             h = r["held_out_history"]
