@@ -24,12 +24,13 @@ on three schedules, "short" (train_shakespeare.py's: 500 steps x 8 x 256 tokens,
 10 %), "long" (data-constrained: ~4 epochs of the training split, same batch, lr and schedule shape, warm-up 6 % of the
 steps, held-out loss every 100 steps so overfitting shows) and "long8" (the same with ~8 epochs, for the models the
 checks need: from short to long every gap to the identity and pattern-trained models shrank several-fold, so long8
-asks whether the remaining gaps are the budget's; ~46 min a run, so it spans sessions); plus two fine-tunes of the short identity model, 150 steps
-at lr 5e-4 (warm-up 10, seed 1): with routing p = 0.6 and, as a control, without.  Each finished model is evaluated
-at once: identity/routed/fine-tuned models under the four deploy patterns, the pattern-trained ones under their own.
+asks whether the remaining gaps are the budget's; ~46 min a run, so it spans sessions); plus two fine-tunes of the
+short identity model, 150 steps at lr 5e-4 (warm-up 10, seed 1): with routing p = 0.6 and, as a control, without.
+Each finished model is evaluated at once: identity/routed/fine-tuned models under the four deploy patterns, the
+pattern-trained ones under their own.
 
-Order: the short schedule for all models, the fine-tunes, then the long schedules (LONG_ORDER).  Every training is a resumable
-`lckv-vllm train ... --save-every 50 --resume` subprocess and every evaluation is cached next to its model
+Order: the short schedule for all models, the fine-tunes, then the long schedules (LONG_ORDER).  Every training is a
+resumable `lckv-vllm train ... --save-every 50 --resume` subprocess and every evaluation is cached next to its model
 (models/routed_sweep/<schedule>/<model>/quality.json), so a rerun continues where a killed one stopped; the JSON,
 table and plot are rewritten after every finished model.  The table adds its quality checks (docs/training.md): (a) best
 routed vs identity at 100 % within 2 %; (b) at 50 % best routed vs CLA-2-trained within 5 %; (c) at 25 % the best
@@ -420,8 +421,8 @@ def plot(results: dict, path: Path) -> None:
         style = {"short": "-", "long": "--", "long8": "-.", "ft": ":"}[r["schedule"]]
         pts = [(xs[p], r["eval"][p]["perplexity"]) for p in DEPLOY if p in r["eval"]]
         if r["kind"] == "pattern":
-            ax.scatter(*zip(*pts), marker={"short": "*", "long": "P"}.get(r["schedule"], "X"), s=160, color=color(r), zorder=3,
-                       label=f"{n} (trained for its pattern)")
+            ax.scatter(*zip(*pts), marker={"short": "*", "long": "P"}.get(r["schedule"], "X"), s=160, color=color(r),
+                       zorder=3, label=f"{n} (trained for its pattern)")
         else:
             ax.plot(*zip(*pts), style, marker="o", ms=4, color=color(r), label=n)
     ax.set_xticks(range(len(DEPLOY)), [f"{ret}\n{p}" for p, (_, ret) in DEPLOY.items()])
